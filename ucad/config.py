@@ -1,0 +1,136 @@
+"""One typed configuration for the whole method, with named presets.
+
+Every number METHOD.md gives is a default here, never a literal in the code. A config is
+validated once at the door (unknown fields and wrong types are errors) and printed into every run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Config(BaseModel):
+    """All settings of a UCAD run. Defaults are the `paper` preset (METHOD.md)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Backbone: any timm VisionTransformer, computed only up to `feature_layer`.
+    backbone: str = "vit_base_patch16_224.augreg_in21k"
+    pretrained: bool = True
+    weights_file: str | None = Field(
+        default=None, description="Local checkpoint for the backbone instead of the timm hub."
+    )
+    backbone_args: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments for timm.create_model."
+    )
+    feature_layer: int = Field(default=5, ge=0)
+    image_size: int = Field(default=224, ge=32)
+    resize: int | None = Field(
+        default=None, description="Shorter side before the centre crop; None = image_size."
+    )
+
+    # Prompts.
+    prompt_mode: Literal["prefix", "additive"] = "prefix"
+    prompt_length: int = Field(default=1, ge=1)
+
+    # Structure maps for the contrastive loss.
+    structure: Literal["sam", "superpixel"] = "sam"
+    sam_model: Literal["vit_b", "vit_l", "vit_h"] = "vit_b"
+    sam_checkpoint: str | None = None
+    sam_points_per_side: int = Field(default=32, ge=1)
+    sam_pred_iou_thresh: float = 0.88
+    sam_stability_score_thresh: float = 0.95
+    sam_box_nms_thresh: float = 0.7
+    superpixel_segments: int = Field(default=32, ge=2)
+
+    # Structure-based contrastive learning.
+    temperature: float = Field(default=0.5, gt=0)
+    lambda_pos: float = 1.0
+    lambda_neg: float = 1.0
+    lr: float = Field(default=5e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    batch_size: int = Field(default=8, ge=1)
+    epochs: int = Field(default=25, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+
+    # Memory sizes per task.
+    key_size: int = Field(default=196, ge=1)
+    knowledge_size: int = Field(default=196, ge=1)
+    projection_dim: int = Field(default=128, ge=1)
+
+    # Scoring.
+    reweight: bool = True
+    reweight_neighbours: int = Field(default=3, ge=1)
+    blur_sigma: float = Field(default=4.0, ge=0)
+
+    # Run.
+    seed: int = 0
+    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    inference_batch_size: int = Field(default=32, ge=1)
+    workers: int = Field(default=4, ge=1, description="Threads for image decoding.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        if self.resize is not None and self.resize < self.image_size:
+            raise ValueError(f"resize ({self.resize}) must be >= image_size ({self.image_size})")
+        return self
+
+    @property
+    def resize_to(self) -> int:
+        return self.resize or self.image_size
+
+    def digest_fields(self, *names: str) -> dict[str, Any]:
+        """The named fields as plain JSON values: what a stage's cache key reads."""
+        data = self.model_dump(mode="json")
+        return {name: data[name] for name in names}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    # Mechanics, not accuracy: a random small ViT and weight-free structure maps, so a whole
+    # stream runs in minutes on a laptop CPU with no download.
+    "smoke": {
+        "backbone": "vit_tiny_patch16_224",
+        "pretrained": False,
+        "structure": "superpixel",
+        "epochs": 2,
+    },
+}
+
+
+def load_config(
+    preset: str = "paper", file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> Config:
+    """Build a config: preset, then a YAML/JSON file, then explicit overrides (later wins)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    values: dict[str, Any] = dict(PRESETS[preset])
+    if file is not None:
+        values.update(_read_config_file(Path(file)))
+    values.update(overrides or {})
+    try:
+        return Config(**values)
+    except ValidationError as err:
+        where = f" (from {file})" if file else ""
+        raise ValueError(f"invalid configuration{where}:\n{err}") from None
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise FileNotFoundError(f"{path}: cannot read config file: {err.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {err}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping of field: value")
+    return data

@@ -1,0 +1,37 @@
+"""Batched feature extraction with the frozen or the prompted backbone."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ucad.backbone import PromptedViT
+from ucad.device import autocast
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: PromptedViT,
+    images: np.ndarray,
+    prompts: Tensor | None = None,
+    batch_size: int = 32,
+    desc: str = "features",
+) -> Tensor:
+    """uint8 images (N, H, W, 3) -> float32 patch features (N, P, D) on the CPU.
+
+    `prompts=None` is the frozen backbone (keys, task selection); a task's prompts give the
+    prompted features (knowledge, scoring).
+    """
+    device = backbone.mean.device
+    if prompts is not None:
+        prompts = prompts.to(device)
+    out = torch.empty((len(images), backbone.num_patches, backbone.embed_dim), dtype=torch.float32)
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=None):
+        batch = backbone.prepare(images[start : start + batch_size], device)
+        with autocast(device):
+            feats = backbone.features(batch, prompts)
+        out[start : start + len(batch)] = feats.float().cpu()
+    return out
