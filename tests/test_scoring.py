@@ -1,0 +1,173 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ucad.scoring import (
+    anomaly_maps,
+    image_scores,
+    nearest_distances,
+    patch_scores,
+    select_task,
+    task_distances,
+)
+
+
+@pytest.fixture
+def generator() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+def brute_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return (a[:, None, :].double() - b[None, :, :].double()).norm(dim=2)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 5])
+def test_nearest_distances_match_brute_force(generator, chunk_size):
+    queries = torch.randn(37, 6, generator=generator)
+    bank = torch.randn(23, 6, generator=generator)
+    dist, idx = nearest_distances(queries, bank, k=4, chunk_size=chunk_size)
+    expected, expected_idx = brute_distances(queries, bank).sort(dim=1)
+    assert dist.shape == idx.shape == (37, 4)
+    assert torch.equal(idx, expected_idx[:, :4])
+    torch.testing.assert_close(dist.double(), expected[:, :4], atol=1e-4, rtol=1e-5)
+
+
+def test_nearest_distances_hand_example_and_half_input():
+    bank = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    queries = torch.tensor([[3.0, 4.0], [10.0, 1.0]]).half()
+    dist, idx = nearest_distances(queries, bank)
+    assert dist.dtype == torch.float32
+    assert idx[:, 0].tolist() == [0, 1]
+    torch.testing.assert_close(dist[:, 0], torch.tensor([5.0, 1.0]))
+
+
+def test_nearest_distances_reject_bad_k_and_dims():
+    with pytest.raises(ValueError, match="k must be"):
+        nearest_distances(torch.randn(3, 2), torch.randn(2, 2), k=3)
+    with pytest.raises(ValueError, match="share D"):
+        nearest_distances(torch.randn(3, 2), torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_task_distances_match_brute_force(generator, chunk_size):
+    features = torch.randn(3, 7, 4, generator=generator)
+    keys = [torch.randn(n, 4, generator=generator) for n in (2, 5, 1)]
+    expected = torch.tensor(
+        [
+            [brute_distances(image, task_keys).min(dim=1).values.sum() for task_keys in keys]
+            for image in features
+        ]
+    )
+    got = task_distances(features, keys, chunk_size=chunk_size)
+    assert got.shape == (3, 3)
+    torch.testing.assert_close(got.double(), expected.double(), atol=1e-4, rtol=1e-5)
+
+
+def test_select_task_picks_the_cluster_of_each_image(generator):
+    centres = 20 * torch.eye(3, 8)
+    keys = [
+        c + torch.randn(k, 8, generator=generator) for c, k in zip(centres, (4, 9, 2), strict=True)
+    ]
+    truth = torch.tensor([2, 0, 1, 1, 0])
+    features = centres[truth][:, None, :] + torch.randn(5, 6, 8, generator=generator)
+    assert torch.equal(select_task(features, keys), truth)
+
+
+def test_task_distances_reject_empty_tasks():
+    with pytest.raises(ValueError, match="at least one task"):
+        task_distances(torch.randn(1, 2, 3), [])
+    with pytest.raises(ValueError, match="at least one key"):
+        task_distances(torch.randn(1, 2, 3), [torch.randn(2, 3), torch.randn(0, 3)])
+
+
+def test_patch_scores_hand_example():
+    features = torch.tensor([[[3.0, 4.0], [0.0, 1.0]], [[6.0, 8.0], [1.0, 0.0]]])
+    knowledge = torch.tensor([[0.0, 0.0], [6.0, 9.0]])
+    torch.testing.assert_close(
+        patch_scores(features, knowledge), torch.tensor([[5.0, 1.0], [1, 1]])
+    )
+
+
+KNOWLEDGE = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [10.0, 10.0]])
+# image 0: top patch (-3, 0) -> m* = (0, 0), N_3(m*) = {(0,0), (1,0), (0,2)} at 3, 4, sqrt(13).
+# image 1: top patch (10, 13) -> m* = (10, 10), N_3(m*) = {(10,10), (0,2), (1,0)}.
+FEATURES = torch.tensor([[[-3.0, 0.0], [0.5, 0.0]], [[1.0, 0.1], [10.0, 13.0]]])
+
+
+def test_image_scores_reweighting_hand_example():
+    scores = patch_scores(FEATURES, KNOWLEDGE)
+    w0 = 1 - math.exp(3) / (math.exp(3) + math.exp(4) + math.exp(math.sqrt(13)))
+    w1 = 1 - math.exp(3) / (math.exp(3) + math.exp(math.sqrt(221)) + math.exp(math.sqrt(250)))
+    got = image_scores(FEATURES, KNOWLEDGE, scores, neighbours=3)
+    torch.testing.assert_close(got, torch.tensor([3 * w0, 3 * w1]))
+    torch.testing.assert_close(
+        image_scores(FEATURES, KNOWLEDGE, scores, reweight=False), scores.amax(1)
+    )
+
+
+def test_image_scores_stay_finite_for_large_distances():
+    # Distances of ~3000 would overflow exp() in float32; the weights tend to 1 here.
+    features, knowledge = 1000 * FEATURES, 1000 * KNOWLEDGE
+    got = image_scores(features, knowledge, patch_scores(features, knowledge))
+    torch.testing.assert_close(got, torch.tensor([3000.0, 3000.0]))
+
+
+def test_image_scores_single_neighbour_gives_zero_weight():
+    # With b = 1, N_b(m*) = {m*}: the ratio is 1, so the weight is 0.
+    scores = patch_scores(FEATURES, KNOWLEDGE)
+    torch.testing.assert_close(
+        image_scores(FEATURES, KNOWLEDGE, scores, neighbours=1), torch.zeros(2)
+    )
+
+
+def test_anomaly_map_of_hot_patch_peaks_at_its_centre():
+    scores = torch.zeros(1, 16)
+    scores[0, 1 * 4 + 2] = 1.0  # patch (row 1, col 2) of a 4x4 grid; 7 px per patch
+    for sigma in (0.0, 1.0):
+        heat = anomaly_maps(scores, (4, 4), 28, sigma=sigma)
+        assert heat.shape == (1, 28, 28)
+        assert divmod(int(heat[0].argmax()), 28) == (10, 17)  # patch centre: 1*7+3, 2*7+3
+        # bilinear spreads the patch value over its 7x7 area; the blur keeps the mass
+        assert heat.sum().item() == pytest.approx(49.0, rel=1e-3)
+
+
+def test_anomaly_map_sigma_zero_is_bilinear_by_hand():
+    scores = torch.tensor([[0.0, 4.0, 0.0, 4.0]])
+    heat = anomaly_maps(scores, (2, 2), (3, 4), sigma=0)
+    torch.testing.assert_close(heat[0], torch.tensor([[0.0, 1, 3, 4]]).expand(3, 4))
+    upsampled = F.interpolate(scores.view(1, 1, 2, 2), size=(3, 4), mode="bilinear")
+    torch.testing.assert_close(heat, upsampled[:, 0])
+
+
+def test_anomaly_map_blur_on_tiny_maps_and_bad_input():
+    heat = anomaly_maps(torch.rand(2, 4), (2, 2), 4, sigma=4.0)  # radius 16 capped at 3
+    assert heat.shape == (2, 4, 4) and torch.isfinite(heat).all()
+    with pytest.raises(ValueError, match="grid"):
+        anomaly_maps(torch.rand(2, 5), (2, 2), 4)
+    with pytest.raises(ValueError, match="sigma"):
+        anomaly_maps(torch.rand(2, 4), (2, 2), 4, sigma=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu(generator):
+    features = torch.randn(4, 9, 16, generator=generator)
+    keys = [torch.randn(n, 16, generator=generator) for n in (3, 7)]
+    knowledge = torch.randn(12, 16, generator=generator)
+    cuda = features.cuda().half()
+    torch.testing.assert_close(
+        task_distances(cuda, keys).cpu(),
+        task_distances(features.half(), keys),
+        rtol=1e-4,
+        atol=1e-3,
+    )
+    scores = patch_scores(cuda, knowledge.cuda())
+    assert scores.device.type == "cuda"
+    torch.testing.assert_close(scores.cpu(), patch_scores(features.half(), knowledge))
+    cpu_images = image_scores(features, knowledge, patch_scores(features, knowledge))
+    gpu_features, gpu_knowledge = features.cuda(), knowledge.cuda()
+    gpu_scores = patch_scores(gpu_features, gpu_knowledge)
+    gpu_images = image_scores(gpu_features, gpu_knowledge, gpu_scores)
+    torch.testing.assert_close(gpu_images.cpu(), cpu_images, rtol=1e-3, atol=1e-3)
+    assert anomaly_maps(scores, (3, 3), 12).device.type == "cuda"

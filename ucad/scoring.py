@@ -1,0 +1,190 @@
+"""Task-agnostic scoring: task selection by keys, patch/image scores and anomaly maps.
+
+All distances are Euclidean, computed in float32 on the device of the features, over chunks of
+query rows so that one distance block stays near ``_BLOCK_BYTES``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_BLOCK_BYTES = 128 * 2**20
+
+
+def nearest_distances(
+    queries: Tensor, bank: Tensor, k: int = 1, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Distances (Q, k) and indices (Q, k) of the ``k`` nearest ``bank`` rows to each query.
+
+    The one nearest-neighbour search of the project; ``chunk_size`` (query rows per distance
+    block) defaults to what fits the memory budget.
+    """
+    if not 1 <= k <= bank.shape[0]:
+        raise ValueError(f"k must be in [1, {bank.shape[0]}] (bank rows), got {k}")
+    dists, indices = [], []
+    for block in _squared_distance_blocks(queries, bank, chunk_size):
+        sq_dist, index = block.topk(k, dim=1, largest=False)
+        dists.append(sq_dist.sqrt())
+        indices.append(index)
+    return torch.cat(dists), torch.cat(indices)
+
+
+def task_distances(
+    features: Tensor, keys: Sequence[Tensor], chunk_size: int | None = None
+) -> Tensor:
+    """Per image and task, the sum over patches of the distance to that task's nearest key.
+
+    ``features`` (N, P, D), ``keys`` one (K_t, D) tensor per task; returns (N, T).
+    All keys form one bank, so each block of patches needs a single matrix product.
+    """
+    patches = _flatten_patches(features)
+    bank = _padded_key_bank(keys, patches.device)  # (T, K_max, D)
+    num_tasks, slots = bank.shape[:2]
+    per_patch = [
+        block.view(-1, num_tasks, slots).amin(dim=2).sqrt()
+        for block in _squared_distance_blocks(patches, bank.flatten(0, 1), chunk_size)
+    ]
+    return torch.cat(per_patch).view(*features.shape[:2], num_tasks).sum(dim=1)
+
+
+def select_task(features: Tensor, keys: Sequence[Tensor]) -> Tensor:
+    """Task index (N,) per image: the task whose keys lie closest to the image's patches."""
+    return task_distances(features, keys).argmin(dim=1)
+
+
+def patch_scores(features: Tensor, knowledge: Tensor) -> Tensor:
+    """Patch scores (N, P): distance of each patch of ``features`` (N, P, D) to the knowledge."""
+    dist, _ = nearest_distances(_flatten_patches(features), knowledge)
+    return dist.view(features.shape[:2])
+
+
+def image_scores(
+    features: Tensor,
+    knowledge: Tensor,
+    patch_scores: Tensor,
+    reweight: bool = True,
+    neighbours: int = 3,
+) -> Tensor:
+    """Image scores (N,): the maximum patch score, optionally re-weighted as in PatchCore.
+
+    Re-weighting (Roth et al. 2022, eq. 7): with m_test the top-scoring patch, m* its nearest
+    knowledge vector and N_b(m*) the ``neighbours`` nearest knowledge vectors of m*, the score
+    is scaled by w = 1 - exp(||m_test - m*||) / sum_{m in N_b(m*)} exp(||m_test - m||).
+    N_b(m*) includes m* itself (its own nearest neighbour), as PatchCore's implementation
+    does; b is capped at the knowledge size.
+    """
+    if patch_scores.shape != features.shape[:2]:
+        raise ValueError(
+            f"patch_scores shape {tuple(patch_scores.shape)} does not match features "
+            f"(N, P) = {tuple(features.shape[:2])}"
+        )
+    if neighbours < 1:
+        raise ValueError(f"neighbours must be >= 1, got {neighbours}")
+    top_score, top_patch = patch_scores.max(dim=1)
+    if not reweight:
+        return top_score
+    bank = knowledge.to(features.device, torch.float32)
+    worst = features[torch.arange(features.shape[0], device=features.device), top_patch].float()
+    _, nearest = nearest_distances(worst, bank)
+    _, support = nearest_distances(bank[nearest[:, 0]], bank, k=min(neighbours, bank.shape[0]))
+    # Both distances by direct differences (N x b vectors only), so the ratio is <= 1 exactly.
+    dist_to_nearest = (worst - bank[nearest[:, 0]]).norm(dim=1)
+    dist_to_support = (worst[:, None, :] - bank[support]).norm(dim=2)
+    # exp(d*) / sum exp(d) as exp(d* - logsumexp(d)): no overflow for large raw distances.
+    share = (dist_to_nearest - dist_to_support.logsumexp(dim=1)).exp()
+    return (1 - share) * top_score
+
+
+def anomaly_maps(
+    patch_scores: Tensor, grid: tuple[int, int], size: int | tuple[int, int], sigma: float = 4.0
+) -> Tensor:
+    """Pixel anomaly maps (N, H, W) from patch scores (N, P) on a ``grid`` (h, w) of patches.
+
+    Bilinear upsampling (align_corners=False) to ``size``, then a separable Gaussian blur with
+    radius ceil(4 sigma) and reflect padding (radius capped at side - 1 for tiny maps, since
+    reflection cannot reach further); sigma 0 disables the blur. Raw distances, no normalising.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    if patch_scores.ndim != 2 or patch_scores.shape[1] != grid[0] * grid[1]:
+        raise ValueError(
+            f"patch_scores must be (N, {grid[0] * grid[1]}) for grid {tuple(grid)}, "
+            f"got shape {tuple(patch_scores.shape)}"
+        )
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    maps = patch_scores.float().view(-1, 1, *grid)
+    maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
+    if sigma > 0:
+        radius = math.ceil(4 * sigma)
+        maps = _blur_axis(maps, sigma, min(radius, height - 1), dim=2)
+        maps = _blur_axis(maps, sigma, min(radius, width - 1), dim=3)
+    return maps[:, 0]
+
+
+def _squared_distance_blocks(
+    queries: Tensor, bank: Tensor, chunk_size: int | None
+) -> Iterator[Tensor]:
+    """Squared distances (rows, M) from consecutive chunks of ``queries`` to ``bank``.
+
+    ||a||^2 - 2ab + ||b||^2 via one matrix product per chunk (faster than torch.cdist on CPU).
+    Both sides are centred on the bank mean first: distances are unchanged but the norms shrink,
+    which limits cancellation error when features share a large common offset.
+    """
+    if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
+        raise ValueError(
+            f"queries (Q, D) and bank (M, D) must share D, got shapes "
+            f"{tuple(queries.shape)} and {tuple(bank.shape)}"
+        )
+    if bank.shape[0] == 0:
+        raise ValueError("bank is empty")
+    bank = bank.to(queries.device, torch.float32)
+    centre = bank.mean(dim=0)
+    bank = bank - centre
+    bank_sq = bank.pow(2).sum(dim=1)
+    rows = chunk_size or max(1, _BLOCK_BYTES // (4 * bank.shape[0]))
+    for chunk in queries.split(rows):
+        chunk = chunk.float() - centre
+        block = torch.addmm(bank_sq, chunk, bank.T, alpha=-2)
+        yield block.add_(chunk.pow(2).sum(dim=1, keepdim=True)).clamp_min_(0)
+
+
+def _padded_key_bank(keys: Sequence[Tensor], device: torch.device) -> Tensor:
+    """Keys of all tasks as one (T, K_max, D) float32 tensor, so per-task minima are a reshape.
+
+    Shorter tasks are padded by repeating their last key: a duplicate cannot change a minimum.
+    """
+    if not keys:
+        raise ValueError("keys must hold at least one task")
+    sizes = [int(task_keys.shape[0]) for task_keys in keys]
+    if min(sizes) < 1:
+        raise ValueError(f"every task needs at least one key, got key counts {sizes}")
+    slot = torch.arange(max(sizes))
+    return torch.stack(
+        [
+            k[slot.clamp(max=n - 1)].to(device, torch.float32)
+            for k, n in zip(keys, sizes, strict=True)
+        ]
+    )
+
+
+def _blur_axis(maps: Tensor, sigma: float, radius: int, dim: int) -> Tensor:
+    """Gaussian blur of (N, 1, H, W) ``maps`` along ``dim`` (2 or 3) with reflect padding."""
+    offsets = torch.arange(-radius, radius + 1, device=maps.device, dtype=torch.float32)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    if dim == 2:
+        padded = F.pad(maps, (0, 0, radius, radius), mode="reflect")
+        return F.conv2d(padded, kernel.view(1, 1, -1, 1))
+    padded = F.pad(maps, (radius, radius, 0, 0), mode="reflect")
+    return F.conv2d(padded, kernel.view(1, 1, 1, -1))
+
+
+def _flatten_patches(features: Tensor) -> Tensor:
+    if features.ndim != 3:
+        raise ValueError(f"features must be (N, P, D), got shape {tuple(features.shape)}")
+    return features.reshape(-1, features.shape[-1])
