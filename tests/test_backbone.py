@@ -93,7 +93,9 @@ def test_wrong_prompt_shape_and_bad_layer_are_clear_errors():
 
 
 def test_missing_weights_file_names_the_file(tmp_path):
-    config = load_config("smoke", overrides={"pretrained": True, "weights_file": str(tmp_path / "w.pth")})
+    config = load_config(
+        "smoke", overrides={"pretrained": True, "weights_file": str(tmp_path / "w.pth")}
+    )
     with pytest.raises(WeightsUnavailableError, match="w.pth"):
         create_backbone(config)
 
@@ -119,4 +121,3 @@ def test_unreachable_hub_says_how_to_provide_weights(monkeypatch):
     config = load_config("paper")
     with pytest.raises(WeightsUnavailableError, match="weights_file"):
         create_backbone(config)
-

@@ -39,7 +39,9 @@ def test_training_lowers_the_loss_and_is_reproducible():
     labels = np.tile(np.repeat([1, 2], 8), (6, 1))  # top half one region, bottom half another
     config = load_config("smoke", overrides={"epochs": 6, "batch_size": 3, "lr": 0.05})
     losses = []
-    prompts = train_prompts(tiny_backbone(), images, labels, config, lambda e, loss: losses.append(loss))
+    prompts = train_prompts(
+        tiny_backbone(), images, labels, config, lambda e, loss: losses.append(loss)
+    )
     assert len(losses) == 6
     assert losses[-1] < losses[0]
     assert prompts.shape == (2, 2, 1, 16) and not prompts.requires_grad
@@ -57,4 +59,6 @@ def test_zero_epochs_keeps_the_seeded_initialisation():
 def test_mismatched_structure_maps_are_an_error():
     config = load_config("smoke")
     with pytest.raises(ValueError, match="3 images but 2 structure maps"):
-        train_prompts(tiny_backbone(), np.zeros((3, 32, 32, 3), np.uint8), np.zeros((2, 16)), config)
+        train_prompts(
+            tiny_backbone(), np.zeros((3, 32, 32, 3), np.uint8), np.zeros((2, 16)), config
+        )

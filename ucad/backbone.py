@@ -162,8 +162,10 @@ def create_backbone(config: Config) -> PromptedViT:
 def _create_vit(config: Config) -> VisionTransformer:
     kwargs = {"img_size": config.image_size, **config.backbone_args}
     if not config.pretrained:
-        log.warning("backbone %s has random weights: fine for mechanics, meaningless for accuracy",
-                    config.backbone)
+        log.warning(
+            "backbone %s has random weights: fine for mechanics, meaningless for accuracy",
+            config.backbone,
+        )
         return timm.create_model(config.backbone, pretrained=False, **kwargs)
     if config.weights_file is not None:
         path = Path(config.weights_file).expanduser()
@@ -176,8 +178,8 @@ def _create_vit(config: Config) -> VisionTransformer:
         source = config.weights_file or "the timm / Hugging Face hub"
         raise WeightsUnavailableError(
             f"could not load pretrained weights for {config.backbone} from {source}: {err}\n"
-            "Provide them in one of two ways: run once with internet access (timm caches the weights "
-            "under ~/.cache/huggingface), or download the checkpoint and set "
+            "Provide them in one of two ways: run once with internet access (timm caches the "
+            "weights under ~/.cache/huggingface), or download the checkpoint and set "
             "`weights_file: /path/to/checkpoint` in a config file (--config). "
             "Random weights are used only by the `smoke` preset."
         ) from err

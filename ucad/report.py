@@ -1,0 +1,43 @@
+"""Readable text tables of a continual run: results matrices, final means, forgetting."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ucad.metrics import METRICS
+
+
+def _cell(value: float | None) -> str:
+    return "   -  " if value is None else f"{value:6.3f}"
+
+
+def format_matrix(tasks: list[str], rows: list[list[float | None]], metric: str) -> str:
+    """Row t = after learning task t, column j = task j."""
+    width = max(len(name) for name in tasks + ["after"])
+    header = " " * (width + 2) + " ".join(f"{name[:6]:>6}" for name in tasks)
+    lines = [f"{metric} (row: after learning, column: task)", header]
+    for name, row in zip(tasks, rows, strict=True):
+        lines.append(f"{name:<{width}}  " + " ".join(_cell(v) for v in row))
+    return "\n".join(lines)
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """Final mean of each metric (last row) and its forgetting measure."""
+    lines = [f"{'metric':<18} {'final':>7} {'forgetting':>11}"]
+    for metric in METRICS:
+        lines.append(
+            f"{metric:<18} {_cell(result['final'][metric]):>7} "
+            f"{_cell(result['forgetting'][metric]):>11}"
+        )
+    return "\n".join(lines)
+
+
+def format_result(result: dict[str, Any], metrics: tuple[str, ...] = METRICS) -> str:
+    tasks = result["tasks"]
+    parts = [
+        f"classes (in order): {', '.join(tasks)}   seed: {result.get('seed')}   "
+        f"routing: {result.get('routing')}   device: {result.get('device')}"
+    ]
+    parts += [format_matrix(tasks, result["matrix"][m], m) for m in metrics]
+    parts.append(format_summary(result))
+    return "\n\n".join(parts)
