@@ -58,18 +58,84 @@ def cmd_synth(args: argparse.Namespace) -> None:
     print(f"wrote {len(names)} classes to {args.out}: {', '.join(names)}")
 
 
-def cmd_benchmark(args: argparse.Namespace) -> None:
-    from ucad.benchmark import run_stream
+def _store(args: argparse.Namespace):
+    from ucad.store import ArtifactStore
+
+    return ArtifactStore(args.store)
+
+
+def _report(result, json_path: Path | None) -> None:
     from ucad.report import format_result
+
+    data = result.as_json()
+    print(format_result(data))
+    computed = [s for s in data["stages"] if not s["cached"]]
+    print(
+        f"\nmodel {data['model']} version {data['version']}"
+        f"{'' if data['new_version'] else ' (unchanged)'}; "
+        f"stages: {len(computed)} computed, {len(data['stages']) - len(computed)} cached"
+    )
+    if json_path:
+        _write_json(json_path, data)
+        print(f"wrote {json_path}")
+
+
+def cmd_add_task(args: argparse.Namespace) -> None:
+    from ucad.continual import add_task
+
+    config = _config_from(args)
+    log.info("config: %s", config.model_dump_json())
+    store = _store(args)
+    result = add_task(args.model, args.task, args.data, args.format, config, store, args.routing)
+    _report(result, args.json)
+
+
+def cmd_benchmark(args: argparse.Namespace) -> None:
+    from ucad.continual import benchmark
 
     config = _config_from(args)
     log.info("config: %s", config.model_dump_json())
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    result = run_stream(args.data, args.format, config, tasks, args.routing).as_json()
-    print(format_result(result))
-    if args.json:
-        _write_json(args.json, result)
-        print(f"\nwrote {args.json}")
+    store = _store(args)
+    result = benchmark(args.data, args.format, config, store, tasks, args.routing, args.model)
+    _report(result, args.json)
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    store = _store(args)
+    names = store.models()
+    if not names:
+        print(f"no models in {store.root}")
+    for name in names:
+        print(name)
+        for version in store.model_versions(name):
+            manifest = store.read_model(name, version)
+            tasks = ", ".join(t["name"] for t in manifest["tasks"])
+            print(f"  v{version}  {manifest.get('created_utc', '')}  {tasks}")
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="dataset root")
+    parser.add_argument("--format", choices=FORMATS, default="mvtec", help="default: mvtec")
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    _add_config_args(parser)
+    parser.add_argument(
+        "--routing",
+        choices=("agnostic", "oracle"),
+        default="agnostic",
+        help="agnostic: each image selects its class by its keys (default); "
+        "oracle: the true class (diagnostic, as the published numbers were made)",
+    )
+    _add_store_arg(parser)
+    parser.add_argument("--json", type=Path, help="write all figures to this JSON file")
+
+
+def _add_store_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--store", help="artifact store root or fsspec URL (default: $UCAD_STORE or ./artifacts)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,22 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=cmd_synth)
 
+    add = commands.add_parser(
+        "add-task", help="learn one class into a model, then evaluate every class it knows"
+    )
+    add.add_argument("--model", required=True, help="model name (created if new)")
+    add.add_argument("--task", required=True, help="class to learn")
+    _add_data_args(add)
+    _add_run_args(add)
+    add.set_defaults(run=cmd_add_task)
+
     bench = commands.add_parser(
-        "benchmark", help="learn a stream of classes in order and report every figure"
+        "benchmark", help="learn a stream of classes in order into a fresh model, report all"
     )
-    bench.add_argument("--data", type=Path, required=True, help="dataset root")
-    bench.add_argument("--format", choices=FORMATS, default="mvtec", help="default: mvtec")
+    _add_data_args(bench)
     bench.add_argument("--tasks", help="comma-separated class order (default: all, alphabetical)")
-    _add_config_args(bench)
-    bench.add_argument(
-        "--routing",
-        choices=("agnostic", "oracle"),
-        default="agnostic",
-        help="agnostic: each image selects its class by its keys (default); "
-        "oracle: the true class (diagnostic, as the published numbers were made)",
-    )
-    bench.add_argument("--json", type=Path, help="write all figures to this JSON file")
+    bench.add_argument("--model", help="name of the fresh model (default: benchmark-<UTC time>)")
+    _add_run_args(bench)
     bench.set_defaults(run=cmd_benchmark)
+
+    models = commands.add_parser("models", help="list models, their versions and classes")
+    _add_store_arg(models)
+    models.set_defaults(run=cmd_models)
     return parser
 
 

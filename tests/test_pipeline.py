@@ -1,0 +1,159 @@
+"""The cached pipeline: what is computed, what is reused, and what survives a kill.
+
+Every claim is checked by counting computed stages, never by timing.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from ucad.config import load_config
+from ucad.continual import add_task, benchmark
+from ucad.store import ArtifactStore, ModelVersionConflict
+
+SMOKE = {"epochs": 1, "key_size": 32, "knowledge_size": 64}
+
+
+def computed(result):
+    return Counter(s.stage for s in result.stages if not s.cached)
+
+
+@pytest.fixture
+def config():
+    return load_config("smoke", overrides=SMOKE)
+
+
+def test_identical_add_task_computes_nothing_and_writes_no_version(synth_root, tmp_path, config):
+    store = ArtifactStore(tmp_path / "store")
+    first = add_task("m", "grain", synth_root, "mvtec", config, store)
+    assert first.version == 1 and first.new_version
+    assert computed(first) == Counter(
+        structure=1, keys=1, prompts=1, knowledge=1, features=1, routing=1, scores=1, evaluate=1
+    )
+    again = add_task("m", "grain", synth_root, "mvtec", config, store)
+    assert computed(again) == Counter()
+    assert all(s.cached for s in again.stages) and len(again.stages) >= 5
+    assert not again.new_version and store.model_versions("m") == [1]
+    assert again.as_json()["matrix"] == first.as_json()["matrix"]
+
+
+def test_new_class_computes_only_its_stages_and_new_evaluations(synth_root, tmp_path, config):
+    store = ArtifactStore(tmp_path / "store")
+    add_task("m", "grain", synth_root, "mvtec", config, store)
+    second = add_task("m", "nut", synth_root, "mvtec", config, store)
+    assert second.version == 2
+    learned = {
+        s.stage: s.task
+        for s in second.stages
+        if not s.cached and s.stage in ("structure", "keys", "prompts", "knowledge")
+    }
+    assert learned == {"structure": "nut", "keys": "nut", "prompts": "nut", "knowledge": "nut"}
+    counts = computed(second)
+    # version 2 evaluates both classes; version 1's row is looked up, not recomputed
+    assert counts["evaluate"] == 2
+    # frozen features only for the new test set; grain's features are reused
+    assert counts["features"] == 1
+    # grain's images get distances to nut's keys; nut's images to both tasks' keys
+    assert counts["routing"] == 3
+    assert len(second.results.matrix("image_auroc")) == 2
+
+
+def test_changing_one_field_recomputes_exactly_the_stages_that_read_it(
+    synth_root, tmp_path, config
+):
+    store = ArtifactStore(tmp_path / "store")
+    add_task("a", "grain", synth_root, "mvtec", config, store)
+    knowledge = add_task(
+        "b", "grain", synth_root, "mvtec", config.model_copy(update={"knowledge_size": 48}), store
+    )
+    assert computed(knowledge) == Counter(knowledge=1, scores=1, evaluate=1)
+    blur = add_task(
+        "c", "grain", synth_root, "mvtec", config.model_copy(update={"blur_sigma": 2.0}), store
+    )
+    assert computed(blur) == Counter(evaluate=1)
+    epochs = add_task(
+        "d", "grain", synth_root, "mvtec", config.model_copy(update={"epochs": 2}), store
+    )
+    assert computed(epochs) == Counter(prompts=1, knowledge=1, scores=1, evaluate=1)
+    runtime_only = add_task(
+        "a",
+        "grain",
+        synth_root,
+        "mvtec",
+        config.model_copy(update={"inference_batch_size": 3}),
+        store,
+    )
+    assert computed(runtime_only) == Counter() and not runtime_only.new_version
+
+
+def test_evaluation_cost_grows_linearly_with_the_stream(synth_root, tmp_path, config):
+    """Prompted passes after each step: the new test set plus images the new class takes."""
+    store = ArtifactStore(tmp_path / "store")
+    result = benchmark(synth_root, "mvtec", config, store, ["grain", "nut", "stripes"])
+    scored = [s for s in result.stages if s.stage == "scores" and not s.cached]
+    images = sum(len(store.get("scores", s.digest).array("index")) for s in scored)
+    test_images = 3 * 10  # 4 good + 6 defective per class in the fixture
+    assert images == test_images  # each test image scored once, under the one class it chose
+    assert Counter(s.stage for s in result.stages if not s.cached)["features"] == 3
+
+
+def test_other_data_or_config_for_a_known_class_is_refused(synth_root, tmp_path, config):
+    store = ArtifactStore(tmp_path / "store")
+    add_task("m", "grain", synth_root, "mvtec", config, store)
+    with pytest.raises(ValueError, match="another config.*epochs"):
+        add_task("m", "nut", synth_root, "mvtec", config.model_copy(update={"epochs": 3}), store)
+    other = tmp_path / "other"
+    (other / "grain").mkdir(parents=True)
+    os.symlink(synth_root / "grain" / "test", other / "grain" / "test")
+    os.symlink(synth_root / "grain" / "ground_truth", other / "grain" / "ground_truth")
+    (other / "grain" / "train" / "good").mkdir(parents=True)
+    for path in sorted((synth_root / "grain" / "train" / "good").iterdir())[:4]:
+        os.symlink(path, other / "grain" / "train" / "good" / path.name)
+    with pytest.raises(ValueError, match="already in model 'm'.*other data"):
+        add_task("m", "grain", other, "mvtec", config, store)
+    assert store.model_versions("m") == [1]
+
+
+def test_racing_writer_gets_a_conflict_and_nothing_is_lost(synth_root, tmp_path, config):
+    store = ArtifactStore(tmp_path / "store")
+    add_task("m", "grain", synth_root, "mvtec", config, store)
+    manifest = store.read_model("m", 1)
+    with pytest.raises(ModelVersionConflict):
+        store.write_model("m", 1, manifest)
+    assert store.read_model("m", 1) == manifest
+
+
+def test_killed_run_leaves_nothing_trusted_and_the_next_run_finishes(synth_root, tmp_path):
+    store_root = tmp_path / "store"
+    out = tmp_path / "result.json"
+    command = [
+        sys.executable, "-m", "ucad.cli", "add-task", "--model", "m", "--task", "grain",
+        "--data", str(synth_root), "--preset", "smoke", "--store", str(store_root),
+        "--set", "epochs=40", "--set", "key_size=32", "--set", "knowledge_size=64",
+        "--json", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    for line in process.stderr:
+        if "prompts epoch 2/" in line or time.monotonic() > deadline:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    store = ArtifactStore(store_root)
+    assert store.artifacts("prompts") == [] and store.models() == [] and not out.exists()
+    assert len(store.artifacts("structure")) == 1  # finished before the kill: kept, trusted
+
+    finished = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    result = json.loads(out.read_text())
+    assert result["version"] == 1
+    cached = {s["stage"] for s in result["stages"] if s["cached"]}
+    computed_now = {s["stage"] for s in result["stages"] if not s["cached"]}
+    assert {"structure", "keys"} <= cached and {"prompts", "knowledge"} <= computed_now

@@ -1,0 +1,414 @@
+"""The cached pipeline: every stage output is a versioned artifact named by its digest.
+
+A digest covers the stage name, its code version, the config fields the stage reads and the
+fingerprints of its inputs (dataset files by content, upstream digests). Same inputs, same
+digest, nothing recomputed; adding a class computes only that class's stages and the evaluations
+of the new model version.
+
+Stages of one class:   structure -> prompts -> knowledge      keys
+Evaluation of test set j by model version v (tasks 0..v):
+    features(j)  frozen features of j's test images, computed once ever
+    routing(j,t) summed nearest-key distances of j's images to task t, once per pair
+    scores(j,t)  prompted scores of the images of j that choose task t; computed once, at the
+                 version where both j and t exist (later tasks only take images away from t)
+    evaluate     routing + scores -> maps and metrics of j under version v
+
+Each `run_*` function is one stage: plain arguments and digests in, a StageRecord out. The
+Prefect flows call them one per task; the `ucad` command calls them directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import torch
+
+from ucad.backbone import PromptedViT, create_backbone
+from ucad.config import Config
+from ucad.data.datasets import TaskData, read_task
+from ucad.data.images import Geometry, TestSet, load_images, load_test_set
+from ucad.device import resolve_device
+from ucad.metrics import task_metrics
+from ucad.model import TaskMemory, score_images
+from ucad.sampling import sample_keys, sample_knowledge
+from ucad.scoring import anomaly_maps, task_distances
+from ucad.stages.features import extract_features
+from ucad.stages.prompts import train_prompts
+from ucad.store import ArtifactStore, digest, fingerprint_files
+from ucad.structure import StructureSource, make_structure_source, patch_labels
+
+log = logging.getLogger(__name__)
+
+# Bump a stage's version when its code changes what it computes: its artifacts are then redone.
+CODE_VERSIONS = {
+    "structure": "1",
+    "keys": "1",
+    "prompts": "1",
+    "knowledge": "1",
+    "features": "1",
+    "routing": "1",
+    "scores": "1",
+    "evaluate": "1",
+}
+
+BACKBONE_FIELDS = (
+    "backbone",
+    "pretrained",
+    "weights_file",
+    "backbone_args",
+    "feature_layer",
+    "image_size",
+    "resize",
+)
+PROMPT_FIELDS = ("prompt_mode", "prompt_length")
+STAGE_FIELDS: dict[str, tuple[str, ...]] = {
+    "keys": BACKBONE_FIELDS + ("key_size",),
+    "prompts": BACKBONE_FIELDS
+    + PROMPT_FIELDS
+    + ("temperature", "lambda_pos", "lambda_neg", "lr", "betas", "batch_size", "epochs")
+    + ("grad_clip", "seed"),
+    "knowledge": BACKBONE_FIELDS + PROMPT_FIELDS + ("knowledge_size", "projection_dim", "seed"),
+    "features": BACKBONE_FIELDS,
+    "routing": (),
+    "scores": BACKBONE_FIELDS + PROMPT_FIELDS + ("reweight", "reweight_neighbours"),
+    "evaluate": ("image_size", "blur_sigma"),
+}
+SAM_FIELDS = (
+    "sam_model",
+    "sam_checkpoint",
+    "sam_points_per_side",
+    "sam_pred_iou_thresh",
+    "sam_stability_score_thresh",
+    "sam_box_nms_thresh",
+)
+
+
+def stage_fields(stage: str, config: Config) -> dict[str, Any]:
+    """The config fields one stage reads: exactly what its digest depends on."""
+    if stage == "structure":
+        # the backbone name fixes the resize interpolation of the images SAM sees
+        names = ("backbone", "image_size", "resize", "structure")
+        names += SAM_FIELDS if config.structure == "sam" else ("superpixel_segments",)
+        return config.digest_fields(*names)
+    return config.digest_fields(*STAGE_FIELDS[stage])
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What one stage did in this run: `cached` means its artifact existed and nothing ran."""
+
+    stage: str
+    task: str
+    digest: str
+    cached: bool
+    seconds: float
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TaskSource:
+    """Where one class's data lives, and what it is by content."""
+
+    name: str
+    root: str
+    format: str
+    train: str  # fingerprint of the training images
+    test: str  # fingerprint of the test images and masks
+
+    @classmethod
+    def from_data(cls, root: str, data_format: str, data: TaskData) -> TaskSource:
+        test_files = [s.image for s in data.test] + [s.mask for s in data.test if s.mask]
+        return cls(
+            name=data.name,
+            root=str(root),
+            format=data_format,
+            train=fingerprint_files(data.train, root),
+            test=fingerprint_files(test_files, root),
+        )
+
+    def read(self) -> TaskData:
+        return read_task(self.root, self.name, self.format)
+
+
+def structure_source_for(config: Config, device: torch.device) -> StructureSource:
+    if config.structure == "sam":
+        return make_structure_source(
+            "sam",
+            model_type=config.sam_model,
+            checkpoint=config.sam_checkpoint,
+            device=device,
+            points_per_side=config.sam_points_per_side,
+            pred_iou_thresh=config.sam_pred_iou_thresh,
+            stability_score_thresh=config.sam_stability_score_thresh,
+            box_nms_thresh=config.sam_box_nms_thresh,
+        )
+    return make_structure_source("superpixel", n_segments=config.superpixel_segments)
+
+
+class Runtime:
+    """Per-process state shared by the stages: config, store, and the models they load lazily."""
+
+    def __init__(self, config: Config, store: ArtifactStore) -> None:
+        self.config = config
+        self.store = store
+        self._train: dict[str, np.ndarray] = {}
+        self._test: dict[str, TestSet] = {}
+
+    @cached_property
+    def device(self) -> torch.device:
+        return resolve_device(self.config.device)
+
+    @cached_property
+    def backbone(self) -> PromptedViT:
+        torch.manual_seed(self.config.seed)  # random-initialised backbones are reproducible
+        return create_backbone(self.config).to(self.device)
+
+    @cached_property
+    def structure_source(self) -> StructureSource:
+        return structure_source_for(self.config, self.device)
+
+    @cached_property
+    def geometry(self) -> Geometry:
+        interpolation = self.backbone.interpolation
+        if interpolation not in ("bicubic", "bilinear"):
+            interpolation = "bicubic"
+        return Geometry(self.config.resize_to, self.config.image_size, interpolation)
+
+    def train_images(self, source: TaskSource) -> np.ndarray:
+        if source.train not in self._train:
+            paths = source.read().train
+            self._train[source.train] = load_images(paths, self.geometry, self.config.workers)
+        return self._train[source.train]
+
+    def test_set(self, source: TaskSource) -> TestSet:
+        if source.test not in self._test:
+            samples = source.read().test
+            self._test[source.test] = load_test_set(samples, self.geometry, self.config.workers)
+        return self._test[source.test]
+
+
+Compute = Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]]
+
+
+def _cached(
+    rt: Runtime, stage: str, task: str, inputs: dict[str, Any], compute: Compute
+) -> StageRecord:
+    """Look the stage's digest up in the store; compute and publish it only when absent."""
+    fields = stage_fields(stage, rt.config)
+    key = digest(stage, CODE_VERSIONS[stage], fields, inputs)
+    if rt.store.has(stage, key):
+        log.info("%s/%s: cached (%s)", stage, task, key[:12])
+        return StageRecord(stage, task, key, True, 0.0)
+    log.info("%s/%s: computing", stage, task)
+    started = time.perf_counter()
+    arrays, attrs = compute()
+    provenance = {
+        "task": task,
+        "config": fields,
+        "inputs": inputs,
+        "code_version": CODE_VERSIONS[stage],
+    }
+    rt.store.put(stage, key, arrays, {**provenance, **attrs})
+    seconds = time.perf_counter() - started
+    log.info("%s/%s: done in %.1f s (%s)", stage, task, seconds, key[:12])
+    return StageRecord(stage, task, key, False, seconds)
+
+
+# Stages of one class ---------------------------------------------------------------------------
+
+
+def run_structure(rt: Runtime, source: TaskSource) -> StageRecord:
+    def compute():
+        maps = rt.structure_source.label_maps(rt.train_images(source))
+        return {"label_maps": maps.astype(np.int32)}, {"source": rt.config.structure}
+
+    return _cached(rt, "structure", source.name, {"train": source.train}, compute)
+
+
+def run_keys(rt: Runtime, source: TaskSource) -> StageRecord:
+    def compute():
+        frozen = extract_features(
+            rt.backbone, rt.train_images(source), None, rt.config.inference_batch_size
+        )
+        return {"keys": sample_keys(frozen, rt.config.key_size).numpy()}, {}
+
+    return _cached(rt, "keys", source.name, {"train": source.train}, compute)
+
+
+def run_prompts(rt: Runtime, source: TaskSource, structure: str) -> StageRecord:
+    def compute():
+        maps = rt.store.get("structure", structure).array("label_maps")
+        losses: list[float] = []
+        prompts = train_prompts(
+            rt.backbone,
+            rt.train_images(source),
+            patch_labels(maps, rt.backbone.patch_size),
+            rt.config,
+            on_epoch=lambda epoch, loss: losses.append(loss),
+        )
+        return {"prompts": prompts.numpy()}, {"epoch_losses": losses}
+
+    inputs = {"train": source.train, "structure": structure}
+    return _cached(rt, "prompts", source.name, inputs, compute)
+
+
+def run_knowledge(rt: Runtime, source: TaskSource, prompts: str) -> StageRecord:
+    def compute():
+        prompt = torch.from_numpy(rt.store.get("prompts", prompts).array("prompts"))
+        prompted = extract_features(
+            rt.backbone, rt.train_images(source), prompt, rt.config.inference_batch_size
+        )
+        config = rt.config
+        knowledge = sample_knowledge(
+            prompted, config.knowledge_size, config.projection_dim, config.seed
+        )
+        return {"knowledge": knowledge.numpy()}, {}
+
+    inputs = {"train": source.train, "prompts": prompts}
+    return _cached(rt, "knowledge", source.name, inputs, compute)
+
+
+# Evaluation --------------------------------------------------------------------------------------
+
+
+def run_features(rt: Runtime, source: TaskSource) -> StageRecord:
+    def compute():
+        images = rt.test_set(source).images
+        frozen = extract_features(rt.backbone, images, None, rt.config.inference_batch_size)
+        return {"features": frozen.numpy()}, {}
+
+    return _cached(rt, "features", source.name, {"test": source.test}, compute)
+
+
+def run_routing(rt: Runtime, test_task: str, features: str, keys: str) -> StageRecord:
+    def compute():
+        frozen = torch.from_numpy(rt.store.get("features", features).array("features"))
+        key_vectors = torch.from_numpy(rt.store.get("keys", keys).array("keys"))
+        return {"distances": task_distances(frozen, [key_vectors])[:, 0].numpy()}, {}
+
+    return _cached(rt, "routing", test_task, {"features": features, "keys": keys}, compute)
+
+
+def run_scores(
+    rt: Runtime,
+    source: TaskSource,
+    memory: dict[str, Any],
+    index: np.ndarray,
+    routing_inputs: dict[str, Any],
+) -> StageRecord:
+    """Prompted patch and image scores of `index` images of a test set under one task."""
+
+    def compute():
+        task = TaskMemory.load(rt.store, memory)
+        images = rt.test_set(source).images[index]
+        patch, image = score_images(rt.backbone, images, task, rt.config)
+        arrays = {"index": index.astype(np.int64), "patch": patch.numpy(), "image": image.numpy()}
+        return arrays, {"scored_as": memory["name"]}
+
+    inputs = {
+        "test": source.test,
+        "prompts": memory["prompts"],
+        "knowledge": memory["knowledge"],
+        **routing_inputs,
+    }
+    return _cached(rt, "scores", source.name, inputs, compute)
+
+
+def run_evaluate(
+    rt: Runtime, tasks: list[dict[str, Any]], j: int, routing: str = "agnostic"
+) -> tuple[list[StageRecord], dict[str, float]]:
+    """Evaluate test set j with the model made of `tasks` (manifest entries 0..v)."""
+    if routing not in ("agnostic", "oracle"):
+        raise ValueError(f"routing must be 'agnostic' or 'oracle', got {routing!r}")
+    source = TaskSource(**tasks[j]["data"])
+    memories = [{k: t[k] for k in ("keys", "prompts", "knowledge")} for t in tasks]
+    inputs = {"test": source.test, "tasks": memories, "routing": routing, "j": j}
+    fields = stage_fields("evaluate", rt.config)
+    key = digest("evaluate", CODE_VERSIONS["evaluate"], fields, inputs)
+    if rt.store.has("evaluate", key):
+        record = StageRecord("evaluate", source.name, key, True, 0.0)
+        return [record], _metrics_of(rt.store.get("evaluate", key).attrs)
+
+    records: list[StageRecord] = []
+    selected, score_records = _route_and_score(rt, tasks, j, source, routing, records)
+
+    def compute():
+        test = rt.test_set(source)
+        patch = np.empty((len(test.labels), rt.backbone.num_patches), dtype=np.float32)
+        image = np.empty(len(test.labels), dtype=np.float32)
+        for t, record in score_records.items():
+            scored = rt.store.get("scores", record.digest)
+            position = {int(i): row for row, i in enumerate(scored.array("index"))}
+            rows = np.flatnonzero(selected == t)
+            take = np.array([position[int(i)] for i in rows], dtype=np.int64)
+            patch[rows] = scored.array("patch")[take]
+            image[rows] = scored.array("image")[take]
+        maps = anomaly_maps(
+            torch.from_numpy(patch),
+            rt.backbone.grid,
+            rt.config.image_size,
+            rt.config.blur_sigma,
+        ).numpy()
+        metrics = task_metrics(image, test.labels, maps, test.masks, selected, j)
+        arrays = {"selected": selected.astype(np.int64), "image_scores": image}
+        return arrays, {"metrics": {k: _json_number(v) for k, v in metrics.items()}}
+
+    record = _cached(rt, "evaluate", source.name, inputs, compute)
+    records.append(record)
+    return records, _metrics_of(rt.store.get("evaluate", record.digest).attrs)
+
+
+def _route_and_score(
+    rt: Runtime,
+    tasks: list[dict[str, Any]],
+    j: int,
+    source: TaskSource,
+    routing: str,
+    records: list[StageRecord],
+) -> tuple[np.ndarray, dict[int, StageRecord]]:
+    """The task each image of test set j selects, and the score artifacts that cover them."""
+    if routing == "oracle":
+        n = len(rt.test_set(source).labels)
+        selected = np.full(n, j, dtype=np.int64)
+        record = run_scores(rt, source, tasks[j], np.arange(n), {"routing": "oracle"})
+        records.append(record)
+        return selected, {j: record}
+
+    features = run_features(rt, source)
+    records.append(features)
+    distances = []
+    routing_digests = []
+    for task in tasks:
+        record = run_routing(rt, source.name, features.digest, task["keys"])
+        records.append(record)
+        routing_digests.append(record.digest)
+        distances.append(rt.store.get("routing", record.digest).array("distances"))
+    distances = np.stack(distances, axis=1)
+    selected = distances.argmin(axis=1)
+    score_records = {}
+    for t in np.unique(selected).tolist():
+        # Scores under task t are computed once, at the first version holding both j and t:
+        # every later task can only take images away from t, never add any.
+        first = max(j, t)
+        index = np.flatnonzero(distances[:, : first + 1].argmin(axis=1) == t)
+        routing_inputs = {"routing": "agnostic", "routing_digests": routing_digests[: first + 1]}
+        record = run_scores(rt, source, tasks[t], index, routing_inputs)
+        records.append(record)
+        score_records[t] = record
+    return selected, score_records
+
+
+def _json_number(value: float) -> float | None:
+    return None if value != value else float(value)  # NaN -> null
+
+
+def _metrics_of(attrs: dict[str, Any]) -> dict[str, float]:
+    return {k: float("nan") if v is None else v for k, v in attrs["metrics"].items()}
