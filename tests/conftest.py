@@ -24,6 +24,7 @@ def _isolated_services(tmp_path_factory):
         f"sqlite+aiosqlite:///{home / 'prefect' / 'prefect.db'}"
     )
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"
     os.environ["UCAD_STORE"] = str(home / "artifacts")
     os.environ["UCAD_CACHE"] = str(home / "cache")
     yield

@@ -34,7 +34,15 @@ def test_identical_add_task_computes_nothing_and_writes_no_version(synth_root, t
     first = add_task("m", "grain", synth_root, "mvtec", config, store)
     assert first.version == 1 and first.new_version
     assert computed(first) == Counter(
-        structure=1, keys=1, prompts=1, knowledge=1, features=1, routing=1, scores=1, evaluate=1
+        structure=1,
+        keys=1,
+        prompts=1,
+        knowledge=1,
+        calibrate=1,
+        features=1,
+        routing=1,
+        scores=1,
+        evaluate=1,
     )
     again = add_task("m", "grain", synth_root, "mvtec", config, store)
     assert computed(again) == Counter()
@@ -51,9 +59,11 @@ def test_new_class_computes_only_its_stages_and_new_evaluations(synth_root, tmp_
     learned = {
         s.stage: s.task
         for s in second.stages
-        if not s.cached and s.stage in ("structure", "keys", "prompts", "knowledge")
+        if not s.cached and s.stage in ("structure", "keys", "prompts", "knowledge", "calibrate")
     }
-    assert learned == {"structure": "nut", "keys": "nut", "prompts": "nut", "knowledge": "nut"}
+    assert learned == dict.fromkeys(
+        ("structure", "keys", "prompts", "knowledge", "calibrate"), "nut"
+    )
     counts = computed(second)
     # version 2 evaluates both classes; version 1's row is looked up, not recomputed
     assert counts["evaluate"] == 2
@@ -72,7 +82,7 @@ def test_changing_one_field_recomputes_exactly_the_stages_that_read_it(
     knowledge = add_task(
         "b", "grain", synth_root, "mvtec", config.model_copy(update={"knowledge_size": 48}), store
     )
-    assert computed(knowledge) == Counter(knowledge=1, scores=1, evaluate=1)
+    assert computed(knowledge) == Counter(knowledge=1, calibrate=1, scores=1, evaluate=1)
     blur = add_task(
         "c", "grain", synth_root, "mvtec", config.model_copy(update={"blur_sigma": 2.0}), store
     )
@@ -80,7 +90,7 @@ def test_changing_one_field_recomputes_exactly_the_stages_that_read_it(
     epochs = add_task(
         "d", "grain", synth_root, "mvtec", config.model_copy(update={"epochs": 2}), store
     )
-    assert computed(epochs) == Counter(prompts=1, knowledge=1, scores=1, evaluate=1)
+    assert computed(epochs) == Counter(prompts=1, knowledge=1, calibrate=1, scores=1, evaluate=1)
     runtime_only = add_task(
         "a",
         "grain",

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,14 +81,25 @@ def _report(result, json_path: Path | None) -> None:
         print(f"wrote {json_path}")
 
 
+def _track(args: argparse.Namespace, result, store, kind: str, started: float) -> None:
+    """Log the finished run to MLflow; a failure is a warning unless --strict-tracking."""
+    if args.no_tracking:
+        return
+    from ucad.tracking import log_result
+
+    log_result(result, store, kind, strict=args.strict_tracking, started=started)
+
+
 def cmd_add_task(args: argparse.Namespace) -> None:
     from ucad.continual import add_task
 
     config = _config_from(args)
     log.info("config: %s", config.model_dump_json())
     store = _store(args)
+    started = time.time()
     result = add_task(args.model, args.task, args.data, args.format, config, store, args.routing)
     _report(result, args.json)
+    _track(args, result, store, "add-task", started)
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
@@ -97,8 +109,10 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     log.info("config: %s", config.model_dump_json())
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     store = _store(args)
+    started = time.time()
     result = benchmark(args.data, args.format, config, store, tasks, args.routing, args.model)
     _report(result, args.json)
+    _track(args, result, store, "benchmark", started)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -112,6 +126,75 @@ def cmd_models(args: argparse.Namespace) -> None:
             manifest = store.read_model(name, version)
             tasks = ", ".join(t["name"] for t in manifest["tasks"])
             print(f"  v{version}  {manifest.get('created_utc', '')}  {tasks}")
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from ucad.bench import bench_settings, format_report, run_bench
+
+    settings = bench_settings(
+        args.preset,
+        args.config,
+        _parse_set(args.set),
+        images=args.images,
+        classes=args.classes,
+        epochs=args.epochs,
+        device=args.device,
+        structure=args.structure,
+    )
+    report = run_bench(settings)
+    print(format_report(report))
+    if args.json:
+        _write_json(args.json, report)
+        print(f"wrote {args.json}")
+
+
+def _parse_thresholds(items: Sequence[str]) -> dict[str, float]:
+    """`--threshold CLASS=VALUE` overrides of stored class thresholds."""
+    thresholds = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--threshold expects CLASS=VALUE, got {item!r}")
+        try:
+            thresholds[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"--threshold {item!r}: {value!r} is not a number") from None
+    return thresholds
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from tqdm import tqdm
+
+    from ucad.inference import Inspector, predict_files
+
+    thresholds = _parse_thresholds(args.threshold)
+    inspector = Inspector.load(_store(args), args.model, thresholds, args.device, args.batch_size)
+    records = []
+    for record in predict_files(inspector, args.paths, args.out):
+        records.append(record)
+        decision = "ANOMALOUS" if record["anomalous"] else "normal"
+        tqdm.write(
+            f"{decision:9}  {record['task']}  score {record['score']:.4g} "
+            f"(threshold {record['threshold']:.4g})  {record['path']}"
+        )
+    flagged = sum(record["anomalous"] for record in records)
+    print(
+        f"{len(records)} images, {flagged} anomalous "
+        f"(model {inspector.name} version {inspector.version})"
+    )
+    if args.out:
+        print(f"heat maps in {args.out}")
+    if args.json:
+        _write_json(
+            args.json,
+            {
+                "model": inspector.name,
+                "version": inspector.version,
+                "thresholds": inspector.thresholds,
+                "images": records,
+            },
+        )
+        print(f"wrote {args.json}")
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -130,6 +213,14 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     )
     _add_store_arg(parser)
     parser.add_argument("--json", type=Path, help="write all figures to this JSON file")
+    tracking = parser.add_mutually_exclusive_group()
+    tracking.add_argument("--no-tracking", action="store_true", help="do not log the run to MLflow")
+    tracking.add_argument(
+        "--strict-tracking",
+        action="store_true",
+        help="fail (exit 1) if the run cannot be logged to MLflow; default: warn. Where: "
+        "--set tracking_uri=URI, else $MLFLOW_TRACKING_URI, else <store>/mlflow.db",
+    )
 
 
 def _add_store_arg(parser: argparse.ArgumentParser) -> None:
@@ -172,6 +263,58 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", help="name of the fresh model (default: benchmark-<UTC time>)")
     _add_run_args(bench)
     bench.set_defaults(run=cmd_benchmark)
+
+    predict = commands.add_parser(
+        "predict", help="score images with a model version: class, score, decision, heat map"
+    )
+    predict.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image or folder")
+    predict.add_argument(
+        "--model", required=True, metavar="NAME[@VERSION]", help="default version: the latest"
+    )
+    predict.add_argument(
+        "--out", type=Path, metavar="DIR", help="write a heat-map overlay PNG per image here"
+    )
+    predict.add_argument(
+        "--threshold",
+        action="append",
+        default=[],
+        metavar="CLASS=VALUE",
+        help="override one class's stored threshold (repeatable)",
+    )
+    predict.add_argument("--device", help="override the model's device (cpu, cuda, cuda:N)")
+    predict.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass")
+    _add_store_arg(predict)
+    predict.add_argument(
+        "--json", type=Path, metavar="OUT", help="write one record per image to this JSON file"
+    )
+    predict.set_defaults(run=cmd_predict)
+
+    speed = commands.add_parser(
+        "bench",
+        help="time every stage against its floor (bare backbone passes) on generated data",
+    )
+    _add_config_args(speed)
+    speed.add_argument(
+        "--images",
+        type=int,
+        default=16,
+        help="training images per class (default 16; "
+        "tests: half as many normal and as many defective)",
+    )
+    speed.add_argument("--classes", type=int, default=10, help="classes in the stream (default 10)")
+    speed.add_argument(
+        "--epochs", type=int, default=1, help="prompt-training epochs to time (default 1)"
+    )
+    speed.add_argument("--device", help="cpu, cuda or cuda:N (default: the config's device)")
+    speed.add_argument(
+        "--structure",
+        choices=("auto", "sam", "superpixel"),
+        default="auto",
+        help="structure source to time; auto: SAM if its weights are on disk, else superpixels; "
+        "sam: SAM, with random weights if its own are missing (minutes per image on a CPU)",
+    )
+    speed.add_argument("--json", type=Path, help="write all figures to this JSON file")
+    speed.set_defaults(run=cmd_bench)
 
     models = commands.add_parser("models", help="list models, their versions and classes")
     _add_store_arg(models)

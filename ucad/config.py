@@ -68,16 +68,52 @@ class Config(BaseModel):
     reweight_neighbours: int = Field(default=3, ge=1)
     blur_sigma: float = Field(default=4.0, ge=0)
 
+    # Decision thresholds, one per class, from normal training images held out of its knowledge.
+    calibration_fraction: float = Field(
+        default=0.1,
+        gt=0,
+        lt=1,
+        description="Share of each class's training images held out to calibrate its threshold.",
+    )
+    threshold_quantile: float = Field(
+        default=0.99,
+        gt=0,
+        le=1,
+        description="Target share of normal images at or under the threshold (conformal rank).",
+    )
+
     # Run.
     seed: int = 0
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
     inference_batch_size: int = Field(default=32, ge=1)
     workers: int = Field(default=4, ge=1, description="Threads for image decoding.")
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else <store>/mlflow.db.",
+    )
+
+    # Where Prefect flow runs do per-image work (structure maps); the `ucad` command does it in
+    # its own process, one chunk after another.
+    task_runner: Literal["threads", "dask"] = Field(
+        default="threads",
+        description="threads: in the flow's process; dask: a Dask cluster (needs ucad[dask]).",
+    )
+    dask_address: str | None = Field(
+        default=None, description="Dask scheduler address; None starts a local cluster."
+    )
+    max_workers: int = Field(
+        default=4,
+        ge=1,
+        description="A class's images are split into this many chunks, run in parallel by "
+        "as many threads or local Dask worker processes.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Config:
         if self.resize is not None and self.resize < self.image_size:
             raise ValueError(f"resize ({self.resize}) must be >= image_size ({self.image_size})")
+        if self.dask_address and self.task_runner != "dask":
+            raise ValueError("dask_address is set but task_runner is not 'dask'")
         return self
 
     @property

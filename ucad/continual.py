@@ -18,12 +18,15 @@ import torch
 
 from ucad import __version__
 from ucad.config import Config
-from ucad.data.datasets import list_tasks, read_task
+from ucad.data.datasets import TaskData, list_tasks, read_task
+from ucad.data.images import MIN_SIZE, Geometry, load_images, load_test_set
 from ucad.metrics import METRICS, ResultsMatrix
 from ucad.pipeline import (
     Runtime,
     StageRecord,
     TaskSource,
+    calibration_split,
+    run_calibrate,
     run_evaluate,
     run_keys,
     run_knowledge,
@@ -36,11 +39,20 @@ log = logging.getLogger(__name__)
 
 ROUTINGS = ("agnostic", "oracle")
 # Fields that change how fast a run is, not what it computes: a model may be extended with others.
-RUNTIME_FIELDS = ("device", "inference_batch_size", "workers")
+RUNTIME_FIELDS = (
+    "device",
+    "inference_batch_size",
+    "workers",
+    "task_runner",
+    "dask_address",
+    "max_workers",
+    "tracking_uri",
+)
 
 
 class StageRunner(Protocol):
-    """Runs one named stage: `structure`, `keys`, `prompts`, `knowledge` or `evaluation`."""
+    """Runs one named stage: `structure`, `keys`, `prompts`, `knowledge`, `calibrate` or
+    `evaluation`."""
 
     def __call__(self, stage: str, *args: Any) -> Any: ...
 
@@ -50,6 +62,7 @@ STAGES: dict[str, Callable[..., Any]] = {
     "keys": run_keys,
     "prompts": run_prompts,
     "knowledge": run_knowledge,
+    "calibrate": run_calibrate,
     "evaluation": run_evaluate,
 }
 
@@ -105,10 +118,12 @@ def add_task(
     store: ArtifactStore,
     routing: str = "agnostic",
     runner: StageRunner | None = None,
+    check_files: bool = True,
 ) -> RunResult:
     """Learn one class into `model` (created if new), then evaluate every class it knows.
 
     An identical request is a no-op: every stage is found cached and no version is written.
+    `check_files=False` skips `check_task_files` for a caller that has just run it.
     """
     validate_name(model, "model name")
     if routing not in ROUTINGS:
@@ -117,23 +132,29 @@ def add_task(
     head = _head(store, model)
     if head is not None:
         _check_same_config(model, head, config)
-    source = TaskSource.from_data(str(data), data_format, read_task(data, task, data_format))
+    task_data = read_task(data, task, data_format)
+    source = TaskSource.from_data(str(data), data_format, task_data)
     known = {t["name"]: t for t in head["tasks"]} if head else {}
-    if task in known and known[task]["data"] != asdict(source):
+    if task in known and not _same_data(known[task]["data"], source):
         raise ValueError(
             f"class {task!r} is already in model {model!r} (version {head['version']}) with "
             f"other data: it was learned from {known[task]['data']['root']} "
             f"(train {known[task]['data']['train'][:12]}), this request has {source.root} "
             f"(train {source.train[:12]}); use another model name for a different data set"
         )
+    if task not in known and check_files:
+        check_task_files(task_data, config)
 
     records = [runner("structure", source), runner("keys", source)]
     records.append(runner("prompts", source, records[0].digest))
     records.append(runner("knowledge", source, records[2].digest))
+    memory = {"name": task, **{record.stage: record.digest for record in records}}
+    records.append(runner("calibrate", source, memory))
     entry = {
         "name": task,
         "data": asdict(source),
         **{record.stage: record.digest for record in records},
+        "threshold": store.get("calibrate", records[-1].digest).attrs["threshold"],
     }
     if task in known:
         version, new_version = head["version"], False
@@ -157,6 +178,22 @@ def add_task(
         records + evaluations,
         new_version,
     )
+
+
+def check_task_files(data: TaskData, config: Config) -> None:
+    """Decode every image and mask of a class before its first stage runs.
+
+    A broken file then stops the request with the store unchanged, instead of after the class's
+    stages and a new model version were written (test images are otherwise first read by the
+    evaluation, after the version).
+    """
+    try:
+        calibration_split(len(data.train), config.calibration_fraction, config.seed)
+    except ValueError as err:
+        raise ValueError(f"class {data.name!r} ({data.train[0].parent}): {err}") from None
+    probe = Geometry(MIN_SIZE, MIN_SIZE)  # only decoding and the checks matter, not the pixels
+    load_images(data.train, probe, config.workers)
+    load_test_set(data.test, probe, config.workers)
 
 
 def evaluate_history(
@@ -191,6 +228,8 @@ def benchmark(
         raise ValueError(
             f"model {model!r} exists already in {store.root!r}; a benchmark starts fresh"
         )
+    for name in order:  # a broken file in a late class must stop the stream before it starts
+        check_task_files(read_task(data, name, data_format), config)
     runner = runner or LocalRunner(Runtime(config, store))
     log.info(
         "stream of %d classes into model %s, order: %s; seed %d",
@@ -202,7 +241,9 @@ def benchmark(
     stages: list[StageRecord] = []
     seen: set[tuple[str, str]] = set()
     for name in order:
-        result = add_task(model, name, data, data_format, config, store, routing, runner)
+        result = add_task(
+            model, name, data, data_format, config, store, routing, runner, check_files=False
+        )
         # later steps look earlier versions' evaluations up again: list each artifact once
         stages += [r for r in result.stages if (r.stage, r.digest) not in seen]
         seen.update((r.stage, r.digest) for r in result.stages)
@@ -217,6 +258,11 @@ def resolve_tasks(root: str | Path, data_format: str, tasks: list[str] | None) -
             raise ValueError(f"a class appears twice in the task order: {', '.join(tasks)}")
         return list(tasks)
     return list_tasks(root, data_format)
+
+
+def _same_data(recorded: dict[str, Any], source: TaskSource) -> bool:
+    """Same files by content; where the dataset lives may have changed."""
+    return all(recorded[k] == getattr(source, k) for k in ("format", "train", "test"))
 
 
 def _head(store: ArtifactStore, model: str) -> dict[str, Any] | None:

@@ -7,6 +7,7 @@ version once and scores images of any of its tasks without being told the task.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 from ucad import scoring
 from ucad.backbone import PromptedViT, create_backbone
 from ucad.config import Config
+from ucad.data.images import Geometry
 from ucad.device import resolve_device
 from ucad.stages.features import extract_features
 from ucad.store import ArtifactStore
@@ -45,6 +47,14 @@ class Prediction:
     image_scores: Tensor  # (N,)
     patch_scores: Tensor  # (N, P)
     maps: Tensor  # (N, H, W) anomaly maps at the model's input size
+
+
+def input_geometry(config: Config, backbone: PromptedViT) -> Geometry:
+    """How images become model input: the config's resize and crop, the backbone's interpolation."""
+    interpolation = backbone.interpolation
+    if interpolation not in ("bicubic", "bilinear"):
+        interpolation = "bicubic"
+    return Geometry(config.resize_to, config.image_size, interpolation)
 
 
 def score_images(
@@ -82,11 +92,16 @@ class UCAD:
             torch.manual_seed(config.seed)  # random-initialised backbones are reproducible
             backbone = create_backbone(config)
         self.backbone = backbone.to(self.device)
+        self.geometry = input_geometry(config, self.backbone)
 
     @classmethod
     def from_store(cls, store: ArtifactStore, model: str, version: int | None = None) -> UCAD:
-        manifest = store.read_model(model, version)
-        config = Config(**manifest["config"])
+        return cls.from_manifest(store, store.read_model(model, version))
+
+    @classmethod
+    def from_manifest(cls, store: ArtifactStore, manifest: dict, **runtime: Any) -> UCAD:
+        """The model a manifest describes; ``runtime`` overrides fields such as ``device``."""
+        config = Config(**{**manifest["config"], **runtime})
         return cls(config, [TaskMemory.load(store, entry) for entry in manifest["tasks"]])
 
     @property

@@ -5,7 +5,9 @@ fingerprints of its inputs (dataset files by content, upstream digests). Same in
 digest, nothing recomputed; adding a class computes only that class's stages and the evaluations
 of the new model version.
 
-Stages of one class:   structure -> prompts -> knowledge      keys
+Stages of one class:   structure -> prompts -> knowledge -> calibrate      keys
+    knowledge is built from the training images minus a seeded held-out share; calibrate scores
+    those held-out normal images with the class's memory and keeps their threshold
 Evaluation of test set j by model version v (tasks 0..v):
     features(j)  frozen features of j's test images, computed once ever
     routing(j,t) summed nearest-key distances of j's images to task t, once per pair
@@ -20,6 +22,8 @@ Prefect flows call them one per task; the `ucad` command calls them directly.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -35,7 +39,7 @@ from ucad.data.datasets import TaskData, read_task
 from ucad.data.images import Geometry, TestSet, load_images, load_test_set
 from ucad.device import resolve_device
 from ucad.metrics import task_metrics
-from ucad.model import TaskMemory, score_images
+from ucad.model import TaskMemory, input_geometry, score_images
 from ucad.sampling import sample_keys, sample_knowledge
 from ucad.scoring import anomaly_maps, task_distances
 from ucad.stages.features import extract_features
@@ -50,7 +54,8 @@ CODE_VERSIONS = {
     "structure": "1",
     "keys": "1",
     "prompts": "1",
-    "knowledge": "1",
+    "knowledge": "2",  # 2: built without the images held out for calibration
+    "calibrate": "1",
     "features": "1",
     "routing": "1",
     "scores": "1",
@@ -73,7 +78,12 @@ STAGE_FIELDS: dict[str, tuple[str, ...]] = {
     + PROMPT_FIELDS
     + ("temperature", "lambda_pos", "lambda_neg", "lr", "betas", "batch_size", "epochs")
     + ("grad_clip", "seed"),
-    "knowledge": BACKBONE_FIELDS + PROMPT_FIELDS + ("knowledge_size", "projection_dim", "seed"),
+    "knowledge": BACKBONE_FIELDS
+    + PROMPT_FIELDS
+    + ("knowledge_size", "projection_dim", "seed", "calibration_fraction"),
+    "calibrate": BACKBONE_FIELDS
+    + PROMPT_FIELDS
+    + ("reweight", "reweight_neighbours", "seed", "calibration_fraction", "threshold_quantile"),
     "features": BACKBONE_FIELDS,
     "routing": (),
     "scores": BACKBONE_FIELDS + PROMPT_FIELDS + ("reweight", "reweight_neighbours"),
@@ -128,7 +138,7 @@ class TaskSource:
         test_files = [s.image for s in data.test] + [s.mask for s in data.test if s.mask]
         return cls(
             name=data.name,
-            root=str(root),
+            root=os.path.abspath(root),  # flow runs and commands may start in other folders
             format=data_format,
             train=fingerprint_files(data.train, root),
             test=fingerprint_files(test_files, root),
@@ -177,10 +187,7 @@ class Runtime:
 
     @cached_property
     def geometry(self) -> Geometry:
-        interpolation = self.backbone.interpolation
-        if interpolation not in ("bicubic", "bilinear"):
-            interpolation = "bicubic"
-        return Geometry(self.config.resize_to, self.config.image_size, interpolation)
+        return input_geometry(self.config, self.backbone)
 
     def train_images(self, source: TaskSource) -> np.ndarray:
         if source.train not in self._train:
@@ -225,9 +232,35 @@ def _cached(
 # Stages of one class ---------------------------------------------------------------------------
 
 
-def run_structure(rt: Runtime, source: TaskSource) -> StageRecord:
+def structure_maps(rt: Runtime, source: TaskSource, start: int, stop: int) -> np.ndarray:
+    """Structure maps of a class's training images start..stop-1: the unit of per-image work."""
+    return rt.structure_source.label_maps(rt.train_images(source)[start:stop])
+
+
+def map_in_process(
+    rt: Runtime, source: TaskSource, chunks: list[tuple[int, int]]
+) -> list[np.ndarray]:
+    return [structure_maps(rt, source, start, stop) for start, stop in chunks]
+
+
+# Computes `structure_maps` of each (start, stop) chunk, in order. The Prefect flow passes one
+# that spreads the chunks over its task runner (threads, or a Dask cluster).
+MapChunks = Callable[[Runtime, TaskSource, list[tuple[int, int]]], list[np.ndarray]]
+
+
+def chunk_bounds(count: int, chunks: int) -> list[tuple[int, int]]:
+    """(start, stop) of at most `chunks` contiguous, near-equal, non-empty parts of range(count)."""
+    parts = max(1, min(chunks, count))
+    edges = [count * i // parts for i in range(parts + 1)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
+def run_structure(
+    rt: Runtime, source: TaskSource, map_chunks: MapChunks = map_in_process
+) -> StageRecord:
     def compute():
-        maps = rt.structure_source.label_maps(rt.train_images(source))
+        chunks = chunk_bounds(len(rt.train_images(source)), rt.config.max_workers)
+        maps = np.concatenate(map_chunks(rt, source, chunks))
         return {"label_maps": maps.astype(np.int32)}, {"source": rt.config.structure}
 
     return _cached(rt, "structure", source.name, {"train": source.train}, compute)
@@ -260,13 +293,47 @@ def run_prompts(rt: Runtime, source: TaskSource, structure: str) -> StageRecord:
     return _cached(rt, "prompts", source.name, inputs, compute)
 
 
+def calibration_split(count: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted indices of the training images that build the knowledge, and of those held out.
+
+    ceil(fraction * count) images, at least 1 and at most count - 1, are held out by a seeded
+    permutation: the same files, config and seed always give the same split.
+    """
+    if count < 2:
+        raise ValueError(
+            f"{count} training image(s): at least 2 are needed, one of them held out "
+            "to calibrate the class's threshold"
+        )
+    held = min(count - 1, max(1, math.ceil(fraction * count)))
+    order = np.random.default_rng(seed).permutation(count)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def conformal_threshold(scores: np.ndarray, quantile: float) -> float:
+    """The ceil((m + 1) * quantile)-th smallest of m held-out normal scores, at most the largest.
+
+    Split conformal: a new normal image exchangeable with the m held-out ones scores above this
+    threshold with probability at most 1 - quantile, as long as that rank is <= m. With fewer
+    images (m < 99 for 0.99) the rank is capped at m: the threshold is the largest held-out
+    score, and a new normal image exceeds it with probability about 1 / (m + 1).
+    """
+    ordered = np.sort(np.asarray(scores, dtype=np.float64))
+    # 1e-9: float products like 100 * 0.07 = 7.000000000000001 must not round up a whole rank
+    rank = math.ceil((len(ordered) + 1) * quantile - 1e-9)
+    return float(ordered[min(len(ordered), max(1, rank)) - 1])
+
+
 def run_knowledge(rt: Runtime, source: TaskSource, prompts: str) -> StageRecord:
     def compute():
-        prompt = torch.from_numpy(rt.store.get("prompts", prompts).array("prompts"))
-        prompted = extract_features(
-            rt.backbone, rt.train_images(source), prompt, rt.config.inference_batch_size
-        )
         config = rt.config
+        images = rt.train_images(source)
+        # Held-out images are scored at calibration as new images are at inspection: against a
+        # knowledge they did not help build. Otherwise their scores could run low (the coreset
+        # keeps the most unusual patches, those that set an image's score, at distance 0) and
+        # the threshold's false-alarm bound would not hold.
+        fit, _ = calibration_split(len(images), config.calibration_fraction, config.seed)
+        prompt = torch.from_numpy(rt.store.get("prompts", prompts).array("prompts"))
+        prompted = extract_features(rt.backbone, images[fit], prompt, config.inference_batch_size)
         knowledge = sample_knowledge(
             prompted, config.knowledge_size, config.projection_dim, config.seed
         )
@@ -274,6 +341,29 @@ def run_knowledge(rt: Runtime, source: TaskSource, prompts: str) -> StageRecord:
 
     inputs = {"train": source.train, "prompts": prompts}
     return _cached(rt, "knowledge", source.name, inputs, compute)
+
+
+def run_calibrate(rt: Runtime, source: TaskSource, memory: dict[str, Any]) -> StageRecord:
+    """Image scores of the class's held-out normal training images, and its threshold.
+
+    `memory` names the class's keys, prompts and knowledge digests. Keys and prompts were learned
+    from all training images, held-out ones included: keys only route images, and prompts are
+    fit to structure maps without looking at any distance, so neither makes a held-out image
+    look more normal to the knowledge; and their artifacts stay shared by every split.
+    """
+
+    def compute():
+        config = rt.config
+        images = rt.train_images(source)
+        _, held = calibration_split(len(images), config.calibration_fraction, config.seed)
+        task = TaskMemory.load(rt.store, memory)
+        _, scores = score_images(rt.backbone, images[held], task, config)
+        threshold = conformal_threshold(scores.numpy(), config.threshold_quantile)
+        arrays = {"index": held.astype(np.int64), "scores": scores.numpy()}
+        return arrays, {"threshold": threshold}
+
+    inputs = {"train": source.train, "prompts": memory["prompts"], "knowledge": memory["knowledge"]}
+    return _cached(rt, "calibrate", source.name, inputs, compute)
 
 
 # Evaluation --------------------------------------------------------------------------------------
@@ -346,9 +436,9 @@ def run_evaluate(
         image = np.empty(len(test.labels), dtype=np.float32)
         for t, record in score_records.items():
             scored = rt.store.get("scores", record.digest)
-            position = {int(i): row for row, i in enumerate(scored.array("index"))}
             rows = np.flatnonzero(selected == t)
-            take = np.array([position[int(i)] for i in rows], dtype=np.int64)
+            # the artifact's index is sorted and covers every image that now selects t
+            take = np.searchsorted(scored.array("index"), rows)
             patch[rows] = scored.array("patch")[take]
             image[rows] = scored.array("image")[take]
         maps = anomaly_maps(

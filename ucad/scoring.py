@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-_BLOCK_BYTES = 128 * 2**20
+# Big enough for efficient matrix products, small enough that the reduction after each product
+# reads a block still warm in cache.
+_BLOCK_BYTES = 32 * 2**20
 
 
 def nearest_distances(
@@ -27,9 +29,9 @@ def nearest_distances(
     if not 1 <= k <= bank.shape[0]:
         raise ValueError(f"k must be in [1, {bank.shape[0]}] (bank rows), got {k}")
     dists, indices = [], []
-    for block in _squared_distance_blocks(queries, bank, chunk_size):
-        sq_dist, index = block.topk(k, dim=1, largest=False)
-        dists.append(sq_dist.sqrt())
+    for partial, query_sq in _partial_distance_blocks(queries, bank, chunk_size):
+        partial, index = partial.topk(k, dim=1, largest=False)
+        dists.append(_finish(partial, query_sq))
         indices.append(index)
     return torch.cat(dists), torch.cat(indices)
 
@@ -46,8 +48,8 @@ def task_distances(
     bank = _padded_key_bank(keys, patches.device)  # (T, K_max, D)
     num_tasks, slots = bank.shape[:2]
     per_patch = [
-        block.view(-1, num_tasks, slots).amin(dim=2).sqrt()
-        for block in _squared_distance_blocks(patches, bank.flatten(0, 1), chunk_size)
+        _finish(partial.view(-1, num_tasks, slots).amin(dim=2), query_sq)
+        for partial, query_sq in _partial_distance_blocks(patches, bank.flatten(0, 1), chunk_size)
     ]
     return torch.cat(per_patch).view(*features.shape[:2], num_tasks).sum(dim=1)
 
@@ -126,14 +128,17 @@ def anomaly_maps(
     return maps[:, 0]
 
 
-def _squared_distance_blocks(
+def _partial_distance_blocks(
     queries: Tensor, bank: Tensor, chunk_size: int | None
-) -> Iterator[Tensor]:
-    """Squared distances (rows, M) from consecutive chunks of ``queries`` to ``bank``.
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Per chunk of ``queries``: ``||b||^2 - 2ab`` for every bank row b (rows, M), and ``||a||^2``.
 
-    ||a||^2 - 2ab + ||b||^2 via one matrix product per chunk (faster than torch.cdist on CPU).
-    Both sides are centred on the bank mean first: distances are unchanged but the norms shrink,
-    which limits cancellation error when features share a large common offset.
+    Squared distances are ``partial + ||a||^2``; callers take minima or top-k of ``partial`` first
+    and add ``||a||^2`` to the few survivors (`_finish`). That is exact, since rounding is monotone:
+    fl(x + c) never reorders values x, and it saves two passes over each large block.
+    One matrix product per chunk (faster than torch.cdist on CPU). Both sides are centred on the
+    bank mean first: distances are unchanged but the norms shrink, which limits cancellation error
+    when features share a large common offset.
     """
     if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(
@@ -149,8 +154,12 @@ def _squared_distance_blocks(
     rows = chunk_size or max(1, _BLOCK_BYTES // (4 * bank.shape[0]))
     for chunk in queries.split(rows):
         chunk = chunk.float() - centre
-        block = torch.addmm(bank_sq, chunk, bank.T, alpha=-2)
-        yield block.add_(chunk.pow(2).sum(dim=1, keepdim=True)).clamp_min_(0)
+        yield torch.addmm(bank_sq, chunk, bank.T, alpha=-2), chunk.pow(2).sum(dim=1, keepdim=True)
+
+
+def _finish(partial: Tensor, query_sq: Tensor) -> Tensor:
+    """Distances from reduced partial values (rows, m) and the queries' squared norms (rows, 1)."""
+    return partial.add_(query_sq).clamp_min_(0).sqrt_()
 
 
 def _padded_key_bank(keys: Sequence[Tensor], device: torch.device) -> Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -302,10 +303,13 @@ class SamStructure(StructureSource):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model = model.to(device).eval()
         self.generator = SamAutomaticMaskGenerator(self.model, **generator_params)
+        # The generator keeps the current image's embedding between calls: one image at a time.
+        self._lock = threading.Lock()
 
     def label_map(self, image: np.ndarray) -> np.ndarray:
         _check_image(image)
-        masks = [mask["segmentation"] for mask in self.generator.generate(image)]
+        with self._lock:
+            masks = [mask["segmentation"] for mask in self.generator.generate(image)]
         return paint_masks(masks, image.shape[:2])
 
 

@@ -18,6 +18,7 @@ from ucad.data.images import (
     load_images,
     load_mask,
     load_test_set,
+    to_rgb,
 )
 
 __all__ = [
@@ -36,4 +37,5 @@ __all__ = [
     "read_mvtec",
     "read_task",
     "read_visa",
+    "to_rgb",
 ]

@@ -33,7 +33,7 @@ _HIGH_DEPTH_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
-def _read(path: Path, min_size: int) -> Image.Image:
+def _read(path: Path) -> Image.Image:
     """Open and fully decode ``path``, so broken files fail here and not deep in a model."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -42,9 +42,13 @@ def _read(path: Path, min_size: int) -> Image.Image:
             img.load()  # decoded pixels stay usable after the file is closed
     except _READ_ERRORS as err:
         raise ValueError(f"{path}: cannot read image: {err}") from err
+    return img
+
+
+def _check_size(img: Image.Image, name: str | Path, min_size: int) -> Image.Image:
     if min(img.size) < min_size:
         raise ValueError(
-            f"{path}: image is {img.width}x{img.height} px, "
+            f"{name}: image is {img.width}x{img.height} px, "
             f"smaller than the minimum of {min_size} px per side"
         )
     return img
@@ -57,19 +61,27 @@ def _gray16_to_8bit(img: Image.Image) -> Image.Image:
 
 
 def load_image(path: str | Path, min_size: int = MIN_SIZE) -> Image.Image:
-    """Read one image as an 8-bit RGB PIL image.
+    """Read one image as an 8-bit RGB PIL image, converted and checked as :func:`to_rgb` does.
+
+    Unreadable files raise ``ValueError``.
+    """
+    path = Path(path)
+    return to_rgb(_read(path), path, min_size)
+
+
+def to_rgb(img: Image.Image, name: str | Path = "image", min_size: int = MIN_SIZE) -> Image.Image:
+    """A decoded image as 8-bit RGB; ``name`` says which image in messages and logs.
 
     Gray, palette, 1-bit, CMYK and alpha images are converted (alpha is dropped, not
     composited); 16-bit gray is scaled to 8 bit. Images smaller than ``min_size`` on either
-    side, float images and unreadable files raise ``ValueError``.
+    side and float images raise ``ValueError``.
     """
-    path = Path(path)
-    img = _read(path, min_size)
+    _check_size(img, name, min_size)
     if img.mode == "RGB":
         return img
     if img.mode == "F":
-        raise ValueError(f"{path}: cannot read image: floating-point images are not supported")
-    log.info("%s: converting %s image to RGB", path, img.mode)
+        raise ValueError(f"{name}: cannot read image: floating-point images are not supported")
+    log.info("%s: converting %s image to RGB", name, img.mode)
     if img.mode in _HIGH_DEPTH_GRAY:
         img = _gray16_to_8bit(img)
     elif img.mode in ("P", "PA", "LA"):
@@ -81,7 +93,7 @@ def load_image(path: str | Path, min_size: int = MIN_SIZE) -> Image.Image:
 def load_mask(path: str | Path, min_size: int = MIN_SIZE) -> np.ndarray:
     """Read a ground-truth mask as bool ``(H, W)``: any nonzero pixel (any channel) is defect."""
     path = Path(path)
-    img = _read(path, min_size)
+    img = _check_size(_read(path), path, min_size)
     if img.mode == "LA":
         return np.asarray(img)[..., 0] != 0
     if len(img.getbands()) == 1 and img.mode != "P":

@@ -1,0 +1,1 @@
+"""Prefect flows and tasks around the `ucad` library; deployments are in prefect.yaml."""

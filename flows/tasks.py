@@ -1,0 +1,140 @@
+"""Prefect tasks: one per pipeline stage, each a thin wrapper around its `ucad` stage function.
+
+Tasks take small references (the config, the store root, a TaskSource, digests, manifest entries)
+and return StageRecords; arrays stay in the artifact store. The store decides what is cached:
+Prefect's own cache and result persistence are off, and a stage whose artifacts all existed
+finishes in a Completed state named "Cached", so the UI shows what a run reused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import task_run
+from prefect.states import Completed
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from ucad.config import Config
+from ucad.continual import STAGES
+from ucad.pipeline import Runtime, StageRecord, TaskSource, structure_maps
+from ucad.store import ArtifactStore
+
+TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+def runtime(config: Config, store_root: str) -> Runtime:
+    """This process's Runtime: the models load once per process, not once per task."""
+    return _runtime(config.model_dump_json(), store_root)
+
+
+@lru_cache(maxsize=1)  # a flow run has one config; a long-lived process keeps only the latest
+def _runtime(config_json: str, store_root: str) -> Runtime:
+    return Runtime(Config.model_validate_json(config_json), ArtifactStore(store_root))
+
+
+def _finish(result: Any) -> Any:
+    """Report a stage whose artifacts all existed as Cached; its result is the same either way."""
+    # `evaluation` returns (records, metrics), every other stage one record
+    records: list[StageRecord] = result[0] if isinstance(result, tuple) else [result]
+    return Completed(name="Cached", data=result) if all(r.cached for r in records) else result
+
+
+def _task_run_name() -> str:
+    """`keys-grain`; an evaluation: `evaluation-grain-v3` (class grain, model version 3)."""
+    args = task_run.parameters["args"]
+    if isinstance(args[0], TaskSource):
+        return f"{task_run.task_name}-{args[0].name}"
+    tasks, j = args[0], args[1]
+    return f"{task_run.task_name}-{tasks[j]['name']}-v{len(tasks)}"
+
+
+def _stage_task(stage: str, function: Callable[..., Any]) -> Task:
+    def run_stage(config: Config, store_root: str, *args: Any, **hooks: Any) -> Any:
+        return _finish(function(runtime(config, store_root), *args, **hooks))
+
+    run_stage.__qualname__ = function.__name__  # Prefect keys a task by its function's name
+    return task(run_stage, name=stage, task_run_name=_task_run_name, **TASK_OPTIONS)
+
+
+# Built from the library's stage table: a stage added there gets its Prefect task here.
+STAGE_TASKS: dict[str, Task] = {stage: _stage_task(stage, fn) for stage, fn in STAGES.items()}
+
+
+@task(name="structure-maps", task_run_name="structure-maps-{source.name}-{start}", **TASK_OPTIONS)
+def structure_chunk(
+    config: Config, store_root: str, source: TaskSource, start: int, stop: int
+) -> np.ndarray:
+    """Structure maps of training images start..stop-1 of a class, wherever the runner puts it."""
+    return structure_maps(runtime(config, store_root), source, start, stop)
+
+
+class PrefectRunner:
+    """A `StageRunner` that runs each stage as its Prefect task in the flow's process.
+
+    The structure stage hands its per-image chunks to `task_runner`: threads of this process, or
+    a Dask cluster, whose workers build their own Runtime from the same config and store.
+    """
+
+    def __init__(self, config: Config, store_root: str, task_runner: TaskRunner) -> None:
+        self.config = config
+        self.store_root = store_root
+        self.task_runner = task_runner
+
+    def __call__(self, stage: str, *args: Any) -> Any:
+        hooks = {"map_chunks": self.map_chunks} if stage == "structure" else {}
+        stage_task = STAGE_TASKS[stage]
+        return stage_task(self.config, self.store_root, *args, **hooks, return_state=True).result()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # `map_chunks` is a parameter of the structure task run, and Prefect pickles a task run's
+        # parameters into the context of each task submitted from it to Dask. The task runner
+        # (threads, sockets) cannot be pickled and is only used here, where chunks are submitted.
+        return {**self.__dict__, "task_runner": None}
+
+    def map_chunks(
+        self, rt: Runtime, source: TaskSource, chunks: list[tuple[int, int]]
+    ) -> list[np.ndarray]:
+        if isinstance(self.task_runner, ThreadPoolTaskRunner):
+            _ = rt.structure_source  # threads share this process's model: load it before they start
+        futures = [
+            self.task_runner.submit(
+                structure_chunk,
+                {
+                    "config": self.config,
+                    "store_root": self.store_root,
+                    "source": source,
+                    "start": start,
+                    "stop": stop,
+                },
+            )
+            for start, stop in chunks
+        ]
+        return [future.result() for future in futures]
+
+
+def task_runner_for(config: Config) -> TaskRunner:
+    """Threads in the flow's process by default; a Dask cluster through prefect-dask on request."""
+    if config.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=config.max_workers)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ImportError(
+            'task_runner "dask" needs prefect-dask: pip install "ucad[dask]"'
+        ) from None
+    if config.dask_address:
+        return DaskTaskRunner(address=config.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": config.max_workers, "threads_per_worker": 1})
+
+
+@contextmanager
+def stage_runner(config: Config, store: ArtifactStore) -> Iterator[PrefectRunner]:
+    """A PrefectRunner whose task runner (thread pool, Dask client) lives for the block."""
+    with task_runner_for(config) as task_runner:
+        yield PrefectRunner(config, store.root, task_runner)

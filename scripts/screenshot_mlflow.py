@@ -1,0 +1,148 @@
+"""Screenshot of the MLflow UI comparing two smoke benchmarks (docs/mlflow-compare.png).
+
+Starts an `mlflow server` on a temporary SQLite database, runs two smoke benchmarks of a
+synthetic stream (seeds 0 and 1) with tracking to it, opens the experiment's chart view with
+both runs in headless Chromium, keeps the per-class AUROC charts and saves the page. Not part of
+the tests; needs `chromium` (Debian: `apt-get install chromium`) and `pip install playwright`
+(it drives the system Chromium; no browser download), and takes a few minutes on a CPU.
+
+    python scripts/screenshot_mlflow.py [--out docs/mlflow-compare.png] [--charts auroc/] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from ucad.config import load_config
+from ucad.continual import benchmark
+from ucad.data.synth import generate
+from ucad.store import ArtifactStore
+from ucad.tracking import log_result
+
+SMOKE = {"epochs": 1, "key_size": 32, "knowledge_size": 64}
+SEEDS = (0, 1)
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def start_server(root: Path, port: int) -> subprocess.Popen:
+    command = [
+        sys.executable, "-m", "mlflow", "server",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "mlflow-artifacts"),
+        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]  # fmt: skip
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    log = open(root / "server.log", "w")
+    return subprocess.Popen(command, stdout=log, stderr=log, env=env, start_new_session=True)
+
+
+def wait_for(uri: str, server: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"mlflow server at {uri} did not come up")
+
+
+def stop(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+
+
+def run_benchmarks(root: Path, uri: str) -> list[str]:
+    data = root / "data"
+    generate(data, classes=3, seed=0, train=8, test_good=4, test_defect=6)
+    store = ArtifactStore(root / "store")
+    run_ids = []
+    for seed in SEEDS:
+        config = load_config("smoke", overrides={**SMOKE, "seed": seed})
+        started = time.time()
+        result = benchmark(data, "mvtec", config, store, model=f"smoke-seed{seed}")
+        run_ids.append(log_result(result, store, "benchmark", uri, strict=True, started=started))
+    return run_ids
+
+
+def compare_url(uri: str, run_ids: list[str]) -> str:
+    """The experiment's runs in chart view, in the UI's model-training mode."""
+    from mlflow import MlflowClient
+
+    experiment = MlflowClient(uri).get_run(run_ids[0]).info.experiment_id
+    return (
+        f"{uri}/#/experiments/{experiment}/runs?workflowType=machine_learning&compareRunsMode=CHART"
+    )
+
+
+def screenshot(url: str, out: Path, charts: str) -> None:
+    """Open `url`, keep the charts whose name contains `charts`, save the page as PNG."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        raise RuntimeError("needs playwright: pip install playwright") from None
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise RuntimeError("chromium not found (Debian: apt-get install chromium)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        page = browser.new_page(viewport={"width": 1600, "height": 1250})
+        page.goto(url)
+        page.wait_for_selector(f"text=smoke-seed{SEEDS[0]}", timeout=60_000)
+        page.get_by_role("button", name="Close").click()  # the assistant panel
+        page.get_by_placeholder("Search metric charts").fill(charts)
+        page.add_style_tag(content=".modebar-container { display: none !important; }")
+        page.wait_for_timeout(3000)  # charts draw after their data arrives
+        page.screenshot(path=out)
+        browser.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("docs/mlflow-compare.png"))
+    parser.add_argument(
+        "--charts", default="auroc/", help="show charts whose name contains this (default: auroc/)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="ucad-mlflow-"))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    server = start_server(root, port)
+    try:
+        wait_for(uri, server)
+        url = compare_url(uri, run_ids=run_benchmarks(root, uri))
+        screenshot(url, args.out, args.charts)
+        print(f"wrote {args.out} from {url}")
+    finally:
+        stop(server)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,803 @@
+"""`ucad bench`: the speed of every stage, next to the floor it cannot go below.
+
+A stage's floor is the bare backbone work the method forces on it, measured in the same run on
+the same images: frozen passes through blocks 0..feature_layer (keys, routing), prompted passes
+(knowledge, calibration, scoring), prompted forward + backward (one prompt-training epoch).
+A ratio near 1 means the stage costs little beyond those passes.
+
+Everything runs on generated data in a temporary folder, with random backbone weights (speed does
+not depend on the weight values): one class of the chosen preset through the real cached pipeline
+(`ucad.continual.add_task`) and the in-memory model (`ucad.model`), then a stream of classes with
+the smoke backbone, which is enough to count forward passes and to see how learning and
+evaluation time grow along a stream.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import platform
+import resource
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from segment_anything import sam_model_registry
+from torch import Tensor
+
+from ucad import __version__, scoring
+from ucad.backbone import PromptedViT
+from ucad.config import Config, load_config
+from ucad.continual import LocalRunner, StageRunner, add_task
+from ucad.data.datasets import read_task
+from ucad.data.synth import generate
+from ucad.device import autocast
+from ucad.model import TaskMemory, score_images
+from ucad.pipeline import Runtime, StageRecord, TaskSource, calibration_split
+from ucad.stages.features import extract_features
+from ucad.store import ArtifactStore
+from ucad.structure import SAM_CHECKPOINTS, SamStructure, default_cache_dir
+
+MODEL = "bench"
+FORMAT = "mvtec"
+SCALING_CLASSES = (1, 10, 100)
+MEMORY_STAGES = ("keys", "prompts", "knowledge")  # what a model keeps per class
+# Targets. Largest allowed stage time / floor time:
+FLOOR_TARGETS = {"keys": 1.2, "prompts": 1.3, "knowledge": 1.2, "inference": 1.3}
+# and the others:
+KEY_SEARCH_SHARE_TARGET = 0.10  # key search with 100 classes, as a share of inference
+RERUN_TARGET = 0.02  # identical rerun through the cached pipeline, as a share of the first run
+BYTES_PER_CLASS_TARGET = 1.3e6  # keys + prompts + knowledge on disk, at the paper preset
+# Fields that fix the size of a class's memory: the byte target applies when they are the paper's.
+MEMORY_FIELDS = ("backbone", "feature_layer", "image_size", "prompt_mode", "prompt_length")
+MEMORY_FIELDS += ("key_size", "knowledge_size")
+
+
+# Measuring ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reading:
+    """Wall time and peak memory of one measured block (filled in when the block ends)."""
+
+    seconds: float = 0.0
+    peak_bytes: int | None = None
+
+
+class Meter:
+    """Times blocks of work and records their peak memory.
+
+    On the CPU, peak memory is the process's peak resident set size during the block (Linux resets
+    the high-water mark through /proc/self/clear_refs; elsewhere it is the peak since the process
+    started). On CUDA it is the peak of memory allocated by PyTorch on the device.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.memory_kind = "CUDA allocated" if device.type == "cuda" else "process RSS"
+        if device.type != "cuda" and not _reset_rss_peak():
+            self.memory_kind = "process RSS since start"
+
+    @contextlib.contextmanager
+    def measure(self) -> Iterator[Reading]:
+        reading = Reading()
+        self._synchronize()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            _reset_rss_peak()
+        start = time.perf_counter()
+        try:
+            yield reading
+        finally:
+            self._synchronize()
+            reading.seconds = time.perf_counter() - start
+            reading.peak_bytes = self._peak_bytes()
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _peak_bytes(self) -> int | None:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return _rss_peak()
+
+
+def _reset_rss_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS (Linux >= 4.0)
+    except OSError:
+        return False
+    return True
+
+
+def _rss_peak() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if platform.system() == "Darwin" else peak * 1024)  # bytes on macOS
+
+
+class MeteredRunner:
+    """A StageRunner that measures every stage call it passes on."""
+
+    def __init__(self, runner: StageRunner, meter: Meter) -> None:
+        self.runner = runner
+        self.meter = meter
+        self.calls: list[tuple[str, Reading]] = []
+
+    def __call__(self, stage: str, *args: Any) -> Any:
+        with self.meter.measure() as reading:
+            result = self.runner(stage, *args)
+        self.calls.append((stage, reading))
+        return result
+
+
+# Floors: the bare backbone passes ----------------------------------------------------------------
+
+
+@torch.inference_mode()
+def forward_passes(
+    backbone: PromptedViT, images: np.ndarray, prompts: Tensor | None, batch_size: int
+) -> None:
+    """Frozen (prompts None) or prompted passes over `images`, outputs discarded."""
+    device = backbone.mean.device
+    prompts = None if prompts is None else prompts.to(device)
+    for start in range(0, len(images), batch_size):
+        batch = backbone.prepare(images[start : start + batch_size], device)
+        with autocast(device):
+            backbone.features(batch, prompts)
+
+
+def training_passes(
+    backbone: PromptedViT, images: np.ndarray, prompts: Tensor, batch_size: int
+) -> None:
+    """Prompted forward and backward (to the prompts) over `images`: one epoch's floor."""
+    device = backbone.mean.device
+    prompts = prompts.detach().to(device).clone().requires_grad_(True)
+    for start in range(0, len(images), batch_size):
+        batch = backbone.prepare(images[start : start + batch_size], device)
+        with autocast(device):
+            features = backbone.features(batch, prompts)
+        features.float().sum().backward()
+
+
+def _warm_up(backbone: PromptedViT, config: Config) -> None:
+    """Run one batch of each kind, at the run's batch sizes, before anything is measured.
+
+    No measured block then pays one-time set-up: kernel selection, the first allocation of each
+    buffer size (a long-running worker pays these once, not per stage).
+    """
+    generator = torch.Generator().manual_seed(config.seed)
+    shape = (config.inference_batch_size, config.image_size, config.image_size, 3)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).numpy()
+    prompts = backbone.init_prompts(generator)
+    for prompt in (None, prompts):
+        forward_passes(backbone, images, prompt, config.inference_batch_size)
+    training_passes(backbone, images[: config.batch_size], prompts, config.batch_size)
+
+
+# Figures -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageFigure:
+    """One row of the stage table."""
+
+    stage: str
+    images: int
+    seconds: float
+    peak_bytes: int | None
+    floor_seconds: float | None = None
+    target: float | None = None  # largest allowed ratio to the floor
+    parts: dict[str, float] = field(default_factory=dict)  # seconds of the stage's parts
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds > 0 else math.inf
+
+    @property
+    def ratio(self) -> float | None:
+        return self.seconds / self.floor_seconds if self.floor_seconds else None
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.target is None or self.ratio is None else self.ratio <= self.target
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "images_per_second": _finite(self.images_per_second),
+            "ratio": self.ratio,
+            "met": self.met,
+        }
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class Target:
+    """One checked figure: met when `value <= limit`; None when it does not apply."""
+
+    name: str
+    value: float | None
+    limit: float
+    applies: bool = True
+    why_not: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        if not self.applies or self.value is None:
+            return None
+        return self.value <= self.limit
+
+    def as_json(self) -> dict[str, Any]:
+        return {**asdict(self), "met": self.met}
+
+
+# The bench ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What `ucad bench` measures; `config` is the preset plus overrides, random weights."""
+
+    config: Config
+    stream_config: Config
+    images: int = 16  # training images per class; tests: images // 2 good + images defective
+    classes: int = 10  # classes in the stream
+    structure: str = "auto"  # auto: SAM if its weights are on disk, else superpixels
+
+
+def bench_settings(
+    preset: str = "paper",
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    images: int = 16,
+    classes: int = 10,
+    epochs: int = 1,
+    device: str | None = None,
+    structure: str = "auto",
+) -> BenchSettings:
+    """Validate the request: the preset's architecture with random weights and `epochs` epochs."""
+    if images < 2:
+        raise ValueError(f"--images must be at least 2 (one is held out for calibration): {images}")
+    if classes < 1:
+        raise ValueError(f"--classes must be at least 1, got {classes}")
+    if epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {epochs}")
+    if structure not in ("auto", "sam", "superpixel"):
+        raise ValueError(f"--structure must be auto, sam or superpixel, got {structure!r}")
+    forced = {"pretrained": False, "epochs": epochs, **({"device": device} if device else {})}
+    values = {**(overrides or {}), **forced}
+    return BenchSettings(
+        config=load_config(preset, config_file, values),
+        stream_config=load_config("smoke", config_file, values),
+        images=images,
+        classes=classes,
+        structure=structure,
+    )
+
+
+def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every measurement; returns the report (`format_report` prints it)."""
+    with tempfile.TemporaryDirectory(prefix="ucad-bench-") as tmp:
+        root = Path(tmp)
+        data = root / "data"
+        log(f"generating {settings.classes} synthetic classes in {data} ...")
+        names = generate(
+            data,
+            classes=settings.classes,
+            seed=settings.config.seed,
+            train=settings.images,
+            test_good=max(1, settings.images // 2),
+            test_defect=settings.images,
+        )
+        config, structure_source, structure_note = _structure(settings)
+        rt = Runtime(config, ArtifactStore(root / "store"))
+        if structure_source is not None:
+            rt.structure_source = structure_source  # the Runtime would load real weights
+        meter = Meter(rt.device)
+        log(f"one class ({names[0]}) through the pipeline, backbone {config.backbone} ...")
+        report = _measure_class(rt, meter, data, names[0])
+        log(f"a stream of {len(names)} classes with the smoke backbone ...")
+        report["stream"] = _measure_stream(settings.stream_config, meter, data, names, root)
+    report["settings"] = {
+        "images": settings.images,
+        "classes": settings.classes,
+        "config": config.model_dump(mode="json"),
+        "stream_backbone": settings.stream_config.backbone,
+        "structure": structure_note,
+        "weights": "random weights: timing only",
+        "memory_kind": meter.memory_kind,
+    }
+    report["machine"] = machine(rt.device)
+    report["targets"] = [t.as_json() for t in _targets(report, config)]
+    return report
+
+
+def _structure(settings: BenchSettings) -> tuple[Config, SamStructure | None, str]:
+    """The structure source to time, and the line that says which one it is.
+
+    `auto` times SAM only with its real weights on disk; `sam` times SAM with random weights when
+    they are missing (speed does not depend on them, but on a CPU it takes minutes per image).
+    """
+    config, choice, fallback = settings.config, settings.structure, ""
+    if choice == "auto":
+        choice = config.structure
+        if choice == "sam" and _sam_weights(config) is None:
+            choice = "superpixel"
+            fallback = " (SAM weights not on disk; --structure sam times SAM with random ones)"
+    config = config.model_copy(update={"structure": choice})
+    if choice == "superpixel":
+        return config, None, f"superpixel{fallback}"
+    if _sam_weights(config) is not None:
+        return config, None, f"SAM {config.sam_model}"
+    model = sam_model_registry[config.sam_model](checkpoint=None)
+    source = SamStructure.from_model(
+        model,
+        device=config.device if config.device != "auto" else None,
+        points_per_side=config.sam_points_per_side,
+        pred_iou_thresh=config.sam_pred_iou_thresh,
+        stability_score_thresh=config.sam_stability_score_thresh,
+        box_nms_thresh=config.sam_box_nms_thresh,
+    )
+    return config, source, f"SAM {config.sam_model}, random weights: timing only"
+
+
+def _sam_weights(config: Config) -> Path | None:
+    """The SAM checkpoint the pipeline would load, if it is on disk (never downloads)."""
+    if config.sam_checkpoint is not None:
+        path = Path(config.sam_checkpoint).expanduser()
+    else:
+        path = default_cache_dir() / "sam" / SAM_CHECKPOINTS[config.sam_model].filename
+    return path if path.is_file() else None
+
+
+def _measure_class(rt: Runtime, meter: Meter, data: Path, task: str) -> dict[str, Any]:
+    """Learn and evaluate one class through the pipeline, then infer with the in-memory model."""
+    config = rt.config
+    _warm_up(rt.backbone, config)
+    runner = MeteredRunner(LocalRunner(rt), meter)
+    with meter.measure() as first:
+        result = add_task(MODEL, task, data, FORMAT, config, rt.store, runner=runner)
+    entry = rt.store.read_model(MODEL)["tasks"][0]
+    source = TaskSource(**entry["data"])
+    memory = TaskMemory.load(rt.store, entry)
+    train, test = rt.train_images(source), rt.test_set(source).images
+
+    stages = _learning_figures(rt, runner, train, memory)
+    inference, frozen = _inference_figures(rt, meter, test, memory)
+    stages += [*inference, _evaluation_figure(runner, result.stages, inference)]
+    with meter.measure() as rerun:
+        again = add_task(MODEL, task, data, FORMAT, config, ArtifactStore(rt.store.root))
+    return {
+        "task": task,
+        "images": {"train": len(train), "test": len(test)},
+        "stages": [figure.as_json() for figure in stages],
+        "bytes_per_class": _memory_bytes(rt.store, entry),
+        "rerun": {
+            "first_seconds": first.seconds,
+            "rerun_seconds": rerun.seconds,
+            "fraction": rerun.seconds / first.seconds,
+            "computed_stages": sum(not r.cached for r in again.stages),
+        },
+        "scaling": _scaling(meter, frozen, memory, inference, config.seed),
+    }
+
+
+def _evaluation_figure(
+    runner: MeteredRunner, records: list[StageRecord], inference: list[StageFigure]
+) -> StageFigure:
+    """The pipeline's evaluation of the class: its call, with the stages it ran as parts."""
+    learned = {stage for stage, _ in runner.calls}
+    parts: dict[str, float] = {}
+    for record in records:
+        if record.stage not in learned:  # features, routing, scores, evaluate
+            parts[record.stage] = parts.get(record.stage, 0.0) + record.seconds
+    call = dict(runner.calls)["evaluation"]
+    total = inference[-1]  # its floor: a frozen and a prompted pass per test image
+    return StageFigure(
+        "evaluation", total.images, call.seconds, call.peak_bytes, total.floor_seconds, parts=parts
+    )
+
+
+def _learning_figures(
+    rt: Runtime, runner: MeteredRunner, train: np.ndarray, memory: TaskMemory
+) -> list[StageFigure]:
+    """Rows of the stages that learn a class, each with its floor measured right here."""
+    config, backbone = rt.config, rt.backbone
+    fit, held = calibration_split(len(train), config.calibration_fraction, config.seed)
+    batch = config.inference_batch_size
+    floors: dict[str, tuple[int, Callable[[], None]]] = {
+        "keys": (len(train), lambda: forward_passes(backbone, train, None, batch)),
+        "prompts": (
+            len(train),
+            lambda: training_passes(backbone, train, memory.prompts, config.batch_size),
+        ),
+        "knowledge": (
+            len(fit),
+            lambda: forward_passes(backbone, train[fit], memory.prompts, batch),
+        ),
+        "calibrate": (
+            len(held),
+            lambda: forward_passes(backbone, train[held], memory.prompts, batch),
+        ),
+    }
+    figures = []
+    for stage, reading in runner.calls:
+        if stage == "evaluation":
+            continue
+        images, floor = floors.get(stage, (len(train), None))
+        floor_seconds = None
+        if floor is not None:
+            with runner.meter.measure() as floor_reading:
+                floor()
+            floor_seconds = floor_reading.seconds
+        seconds = reading.seconds
+        if stage == "prompts":  # per epoch: the floor is one epoch
+            seconds /= config.epochs
+        figures.append(
+            StageFigure(
+                stage, images, seconds, reading.peak_bytes, floor_seconds, FLOOR_TARGETS.get(stage)
+            )
+        )
+    return figures
+
+
+def _inference_figures(
+    rt: Runtime, meter: Meter, test: np.ndarray, memory: TaskMemory
+) -> tuple[list[StageFigure], Tensor]:
+    """Routing, scoring and anomaly maps of the test images, as `UCAD.predict` runs them.
+
+    Returns the rows and the frozen features (reused by the scaling figures).
+    """
+    config, backbone = rt.config, rt.backbone
+    batch = config.inference_batch_size
+    with meter.measure() as frozen_reading:
+        frozen = extract_features(backbone, test, None, batch)
+    with meter.measure() as search:
+        scoring.select_task(frozen, [memory.keys])  # every image selects the one class
+    with meter.measure() as floor_frozen:
+        forward_passes(backbone, test, None, batch)
+    with meter.measure() as scored:
+        patch, _ = score_images(backbone, test, memory, config)
+    with meter.measure() as floor_prompted:
+        forward_passes(backbone, test, memory.prompts, batch)
+    with meter.measure() as mapped:
+        scoring.anomaly_maps(patch, backbone.grid, config.image_size, config.blur_sigma)
+    n = len(test)
+    routing = StageFigure(
+        "routing",
+        n,
+        frozen_reading.seconds + search.seconds,
+        _max_peak(frozen_reading, search),
+        floor_frozen.seconds,
+        parts={"frozen_features": frozen_reading.seconds, "key_search": search.seconds},
+    )
+    scored_figure = StageFigure(
+        "scoring", n, scored.seconds, scored.peak_bytes, floor_prompted.seconds
+    )
+    maps = StageFigure("anomaly_maps", n, mapped.seconds, mapped.peak_bytes)
+    rows = [routing, scored_figure, maps]
+    total = StageFigure(
+        "inference",
+        n,
+        sum(row.seconds for row in rows),
+        _max_peak(frozen_reading, search, scored, mapped),
+        floor_frozen.seconds + floor_prompted.seconds,
+        FLOOR_TARGETS["inference"],
+        parts={row.stage: row.seconds for row in rows},
+    )
+    return [*rows, total], frozen
+
+
+def _max_peak(*readings: Reading) -> int | None:
+    peaks = [r.peak_bytes for r in readings if r.peak_bytes is not None]
+    return max(peaks) if peaks else None
+
+
+def _scaling(
+    meter: Meter, frozen: Tensor, memory: TaskMemory, inference: list[StageFigure], seed: int
+) -> list[dict[str, Any]]:
+    """Per-image routing and scoring with 1, 10 and 100 classes in the model.
+
+    Extra classes are synthetic: the learned class's keys plus Gaussian noise. Key search is the
+    only part of inference that grows with the number of classes; the frozen pass is shared, and
+    scoring runs one prompted pass per image under its selected class whatever the class count.
+    """
+    routing, scored, maps = inference[:3]
+    n = len(frozen)
+    per_image = {row.stage: row.seconds / n for row in (scored, maps)}
+    frozen_per_image = routing.parts["frozen_features"] / n
+    generator = torch.Generator().manual_seed(seed)
+    spread = memory.keys.std()
+    rows = []
+    for classes in SCALING_CLASSES:
+        keys = [memory.keys] + [
+            memory.keys + spread * torch.randn(memory.keys.shape, generator=generator)
+            for _ in range(classes - 1)
+        ]
+        with meter.measure() as search:
+            scoring.select_task(frozen, keys)
+        search_per_image = search.seconds / n
+        inference_per_image = frozen_per_image + search_per_image + sum(per_image.values())
+        rows.append(
+            {
+                "classes": classes,
+                "routing_ms_per_image": 1e3 * (frozen_per_image + search_per_image),
+                "key_search_ms_per_image": 1e3 * search_per_image,
+                "scoring_ms_per_image": 1e3 * per_image["scoring"],
+                "inference_ms_per_image": 1e3 * inference_per_image,
+                "key_search_share": search_per_image / inference_per_image,
+            }
+        )
+    return rows
+
+
+def _memory_bytes(store: ArtifactStore, entry: dict[str, Any]) -> dict[str, int]:
+    """Bytes on disk of the artifacts a model keeps per class (store layout: see ucad.store)."""
+    sizes = {}
+    for stage in MEMORY_STAGES:
+        folder = Path(store.root) / "stages" / stage / f"{entry[stage]}.zarr"
+        sizes[stage] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    sizes["total"] = sum(sizes.values())
+    return sizes
+
+
+def _measure_stream(
+    config: Config, meter: Meter, data: Path, names: list[str], root: Path
+) -> dict[str, Any]:
+    """Learn the classes one by one; per step, time and the forward passes evaluation needed.
+
+    A re-extract-everything evaluation would run a frozen and a prompted pass over every test
+    image of every class learned so far, at every step.
+    """
+    store = ArtifactStore(root / "stream-store")
+    rt = Runtime(config, store)
+    _warm_up(rt.backbone, config)
+    runner = MeteredRunner(LocalRunner(rt), meter)
+    steps, test_images = [], 0
+    for step, name in enumerate(names, start=1):
+        runner.calls.clear()
+        with meter.measure() as wall:
+            result = add_task("stream", name, data, FORMAT, config, store, runner=runner)
+        test_images += len(read_task(data, name, FORMAT).test)
+        computed = [r for r in result.stages if not r.cached]
+        steps.append(
+            {
+                "step": step,
+                "task": name,
+                "seconds": wall.seconds,
+                "learn_seconds": sum(r.seconds for s, r in runner.calls if s != "evaluation"),
+                "evaluate_seconds": sum(r.seconds for s, r in runner.calls if s == "evaluation"),
+                "frozen_passes": _rows(store, computed, "features", "features"),
+                "prompted_passes": _rows(store, computed, "scores", "index"),
+                "reextract_passes": 2 * test_images,
+            }
+        )
+    return {"backbone": config.backbone, "steps": steps}
+
+
+def _rows(store: ArtifactStore, records: list[StageRecord], stage: str, array: str) -> int:
+    """Images covered by the computed artifacts of one stage (array shapes; no data is read)."""
+    return sum(
+        store.get(stage, r.digest).group[array].shape[0] for r in records if r.stage == stage
+    )
+
+
+def _targets(report: dict[str, Any], config: Config) -> list[Target]:
+    figures = {row["stage"]: row for row in report["stages"]}
+    paper = load_config("paper")
+    is_paper = all(getattr(config, f) == getattr(paper, f) for f in MEMORY_FIELDS)
+    return [
+        Target("inference / floor", figures["inference"]["ratio"], FLOOR_TARGETS["inference"]),
+        Target(
+            "prompt-training epoch / floor", figures["prompts"]["ratio"], FLOOR_TARGETS["prompts"]
+        ),
+        Target("keys / floor", figures["keys"]["ratio"], FLOOR_TARGETS["keys"]),
+        Target("knowledge / floor", figures["knowledge"]["ratio"], FLOOR_TARGETS["knowledge"]),
+        Target(
+            "key search with 100 classes / inference",
+            report["scaling"][-1]["key_search_share"],
+            KEY_SEARCH_SHARE_TARGET,
+        ),
+        Target("identical rerun / first run", report["rerun"]["fraction"], RERUN_TARGET),
+        Target(
+            "bytes stored per class",
+            report["bytes_per_class"]["total"],
+            BYTES_PER_CLASS_TARGET,
+            applies=is_paper,
+            why_not="" if is_paper else "memory sizes differ from the paper preset",
+        ),
+    ]
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "ucad": __version__,
+    }
+
+
+def _cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+# Report ------------------------------------------------------------------------------------------
+
+STAGE_LABELS = {
+    "structure": "structure maps",
+    "prompts": "prompt training, 1 epoch",
+    "calibrate": "calibration",
+    "anomaly_maps": "anomaly maps",
+    "inference": "inference = routing+scoring+maps",
+    "evaluation": "evaluation, cached pipeline",
+}
+FLOOR_LEGEND = (
+    "floor: keys, routing: frozen passes; knowledge, calibration, scoring: prompted passes; "
+    "prompt training: prompted forward+backward; inference, evaluation: frozen + prompted passes"
+)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as text: the tables and every target, missed ones marked MISSED."""
+    return "\n\n".join(
+        [
+            _header(report),
+            _stage_table(report),
+            _storage_lines(report),
+            _scaling_table(report),
+            _stream_table(report),
+            _target_lines(report),
+        ]
+    )
+
+
+def _header(report: dict[str, Any]) -> str:
+    settings, host = report["settings"], report["machine"]
+    config = settings["config"]
+    device = host["gpu"] or f"{host['cpu']}, {host['cores']} cores"
+    return "\n".join(
+        [
+            f"ucad bench {host['ucad']}: {config['backbone']} ({settings['weights']}), "
+            f"blocks 0..{config['feature_layer']}, {config['image_size']} px",
+            f"machine: {device}; device {host['device']}, torch {host['torch']} "
+            f"({host['torch_threads']} threads)",
+            f"data: synthetic, {settings['images']} training images per class, "
+            f"{report['images']['test']} test images; structure maps: {settings['structure']}",
+            f"batch sizes: training {config['batch_size']}, inference "
+            f"{config['inference_batch_size']}; peak memory: {settings['memory_kind']}",
+        ]
+    )
+
+
+def _stage_table(report: dict[str, Any]) -> str:
+    lines = [
+        f"{'stage (one class)':<33}{'images':>7}{'seconds':>9}{'img/s':>8}{'peak MB':>9}"
+        f"{'floor s':>9}{'ratio':>7}  target"
+    ]
+    for row in report["stages"]:
+        floor = "-" if row["floor_seconds"] is None else f"{row['floor_seconds']:.2f}"
+        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
+        rate = row["images_per_second"]
+        target = ""
+        if row["target"] is not None:
+            target = f"<= {row['target']:.1f}" + ("" if row["met"] else "  MISSED")
+        lines.append(
+            f"{STAGE_LABELS.get(row['stage'], row['stage']):<33}{row['images']:>7}"
+            f"{row['seconds']:>9.2f}{'-' if rate is None else f'{rate:.1f}':>8}"
+            f"{_megabytes(row['peak_bytes']):>9}{floor:>9}{ratio:>7}  {target}".rstrip()
+        )
+    return "\n".join([*lines, FLOOR_LEGEND])
+
+
+def _megabytes(value: int | None) -> str:
+    return "-" if value is None else f"{value / 1e6:.0f}"
+
+
+def _storage_lines(report: dict[str, Any]) -> str:
+    stored, rerun = report["bytes_per_class"], report["rerun"]
+    parts = ", ".join(f"{stage} {stored[stage] / 1e3:.1f} kB" for stage in MEMORY_STAGES)
+    return "\n".join(
+        [
+            f"stored per class: {parts}; total {stored['total'] / 1e6:.3f} MB",
+            f"identical rerun: {rerun['rerun_seconds']:.2f} s = {100 * rerun['fraction']:.2f}% "
+            f"of the first run ({rerun['first_seconds']:.1f} s); "
+            f"{rerun['computed_stages']} stages computed",
+        ]
+    )
+
+
+def _scaling_table(report: dict[str, Any]) -> str:
+    rows = report["scaling"]
+    columns = "".join(f"{row['classes']:>10}" for row in rows)
+    lines = [f"{'per test image, classes in model:':<40}{columns}"]
+    for key, label in (
+        ("routing_ms_per_image", "routing ms (frozen pass + key search)"),
+        ("key_search_ms_per_image", "key search ms"),
+        ("scoring_ms_per_image", "scoring ms"),
+        ("inference_ms_per_image", "inference ms"),
+    ):
+        lines.append(f"{label:<40}" + "".join(f"{row[key]:>10.1f}" for row in rows))
+    lines.append(
+        f"{'key search share of inference':<40}"
+        + "".join(f"{100 * row['key_search_share']:>9.1f}%" for row in rows)
+    )
+    lines.append(
+        "extra classes are synthetic (the class's keys plus noise); scoring is one prompted "
+        "pass per image under its selected class, whatever the class count"
+    )
+    return "\n".join(lines)
+
+
+def _stream_table(report: dict[str, Any]) -> str:
+    stream = report["stream"]
+    steps = stream["steps"]
+    lines = [
+        f"stream of {len(steps)} classes, backbone {stream['backbone']} (random weights; "
+        "counting passes needs no big model)",
+        f"{'step':>4}  {'class':<10}{'learn s':>9}{'evaluate s':>12}{'frozen':>8}{'prompted':>10}"
+        f"{'re-extract all':>16}",
+    ]
+    for step in steps:
+        lines.append(
+            f"{step['step']:>4}  {step['task']:<10}{step['learn_seconds']:>9.2f}"
+            f"{step['evaluate_seconds']:>12.2f}{step['frozen_passes']:>8}"
+            f"{step['prompted_passes']:>10}{step['reextract_passes']:>16}"
+        )
+    total = {
+        key: sum(step[key] for step in steps)
+        for key in ("frozen_passes", "prompted_passes", "reextract_passes")
+    }
+    lines.append(
+        f"evaluation forward passes over the stream: {total['frozen_passes']} frozen + "
+        f"{total['prompted_passes']} prompted; re-extracting everything: "
+        f"{total['reextract_passes']}"
+    )
+    first, last = steps[0], steps[-1]
+    lines.append(
+        f"add-task, class 1: learn {first['learn_seconds']:.2f} s + evaluate "
+        f"{first['evaluate_seconds']:.2f} s; class {last['step']}: learn "
+        f"{last['learn_seconds']:.2f} s + evaluate {last['evaluate_seconds']:.2f} s"
+    )
+    return "\n".join(lines)
+
+
+def _target_lines(report: dict[str, Any]) -> str:
+    lines = ["targets"]
+    for target in report["targets"]:
+        if target["met"] is None:
+            verdict = f"n/a ({target['why_not']})" if target["why_not"] else "n/a"
+        else:
+            verdict = "met" if target["met"] else "MISSED"
+        value = target["value"]
+        shown = "-" if value is None else f"{value:.3g}"
+        lines.append(f"  {target['name']:<42}{shown:>10}  <= {target['limit']:<8g}{verdict}")
+    missed = [t["name"] for t in report["targets"] if t["met"] is False]
+    lines.append(f"MISSED: {', '.join(missed)}" if missed else "every target met")
+    return "\n".join(lines)

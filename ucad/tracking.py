@@ -1,0 +1,577 @@
+"""MLflow tracking: every `ucad` run as one parent run with one nested run per class learned.
+
+MLflow lives only here: the pipeline, the stages and the flows' tasks never import it. A run is
+logged after it finished, from its `RunResult`, so tracking can never change or break a result:
+when the tracking server is down the run still completes and its artifacts stay in the store,
+and the failure to log is a warning (an error with ``strict=True``).
+
+What a run looks like in MLflow (experiment ``ucad model <model>`` for add-task runs,
+``ucad benchmark <dataset>: <class order>`` for benchmarks, so comparable runs sit together):
+
+- parent run: params = the resolved config and the routing; tags = model, version, class order,
+  artifact digests, package versions, git commit, Prefect flow run id; metrics with
+  step = number of classes learned: ``<metric>/<class>``, ``mean/<metric>``,
+  ``forgetting/<metric>``; without step: ``seconds|computed|cached/<stage>`` and
+  ``memory/peak_*_mb``; artifacts: ``results/<metric>.csv|.png`` (the results matrix),
+  ``results/curves.png``, ``gallery/<class>.png``, ``config.yaml``, ``result.json``.
+- nested run per class learned by this run: that step's metrics, the class's learning-stage
+  times and digests.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from matplotlib.figure import Figure
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
+
+from ucad import __version__
+from ucad.config import Config
+from ucad.continual import STAGES, RunResult
+from ucad.data.datasets import TaskData, TestSample, read_task
+from ucad.data.images import load_mask
+from ucad.inference import Inspector, Result
+from ucad.metrics import final, forgetting
+from ucad.store import ArtifactStore
+
+log = logging.getLogger(__name__)
+
+KINDS = ("add-task", "benchmark")
+ENV_VAR = "MLFLOW_TRACKING_URI"
+# The stages that make a class's memory (all but the evaluation); their digests say what it is.
+LEARNING_STAGES = tuple(stage for stage in STAGES if stage != "evaluation")
+PACKAGES = ("torchvision", "timm", "numpy", "zarr", "mlflow", "prefect")
+GALLERY_NORMAL = 2
+GALLERY_DEFECTIVE = 2
+# MLflow retries a failed request for minutes by default; a tracking server that is down should
+# cost a run seconds. Values the user set in the environment win.
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+
+
+class TrackingError(RuntimeError):
+    """Logging to MLflow failed and the caller asked for that to be an error."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where runs are logged; ``artifact_location`` only for the default local database."""
+
+    uri: str
+    artifact_location: str | None = None
+
+
+def resolve_target(
+    store: ArtifactStore, config: Config, tracking_uri: str | None = None
+) -> Target | None:
+    """The argument, else ``config.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite
+    database in a local store root (``<root>/mlflow.db``, artifacts in ``<root>/mlflow-artifacts``).
+
+    None for a remote store root with nothing set: a database on whichever machine ran the job
+    would scatter a shared store's runs, so such setups name their tracking server.
+    """
+    uri = tracking_uri or config.tracking_uri or os.environ.get(ENV_VAR)
+    if uri:
+        return Target(uri)
+    filesystem, path = fsspec.core.url_to_fs(store.root)
+    if not isinstance(filesystem, LocalFileSystem):
+        return None
+    root = Path(path).resolve()
+    return Target(f"sqlite:///{root / 'mlflow.db'}", (root / "mlflow-artifacts").as_uri())
+
+
+def log_result(
+    result: RunResult,
+    store: ArtifactStore,
+    kind: str,
+    tracking_uri: str | None = None,
+    strict: bool = False,
+    flow_run_id: str | None = None,
+    started: float | None = None,
+) -> str | None:
+    """Log a finished run to MLflow; return the parent run's id, or None if it was not logged.
+
+    ``kind`` is ``add-task`` or ``benchmark``; ``started`` (Unix time) makes the run's duration
+    in the UI the real one. Failures to log are warnings unless ``strict``, then TrackingError.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    target = resolve_target(store, result.config, tracking_uri)
+    if target is None:
+        return _not_logged(
+            f"MLflow tracking skipped: the store {store.root!r} is remote and no tracking URI is "
+            f"set (set ${ENV_VAR} or the config field tracking_uri)",
+            strict,
+        )
+    memory = _peak_memory()  # before the gallery adds its own allocations
+    try:
+        with _http_limits():
+            run_id = _log_run(
+                MlflowClient(target.uri), target, result, store, kind, flow_run_id, started, memory
+            )
+    except Exception as err:  # tracking is best effort: whatever fails, the run's results stand
+        return _not_logged(
+            f"could not log the run to MLflow at {target.uri}: {err}; the run itself completed "
+            f"and its results are in the store {store.root!r}",
+            strict,
+        )
+    return run_id
+
+
+def _not_logged(message: str, strict: bool) -> None:
+    if strict:
+        raise TrackingError(message)
+    log.warning("%s", message)
+    return None
+
+
+@contextmanager
+def _http_limits() -> Iterator[None]:
+    added = [name for name in HTTP_LIMITS if name not in os.environ]
+    os.environ.update({name: HTTP_LIMITS[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
+
+
+# The runs ----------------------------------------------------------------------------------------
+
+
+def _log_run(
+    client: MlflowClient,
+    target: Target,
+    result: RunResult,
+    store: ArtifactStore,
+    kind: str,
+    flow_run_id: str | None,
+    started: float | None,
+    memory: dict[str, float],
+) -> str:
+    manifest = store.read_model(result.model, result.version)
+    name = experiment_name(kind, manifest)
+    experiment = _experiment_id(client, name, target.artifact_location)
+    history = history_metrics(result)
+    parent = client.create_run(
+        experiment,
+        start_time=None if started is None else int(started * 1000),
+        tags=_parent_tags(result, manifest, store, kind, flow_run_id),
+        run_name=_parent_name(result, kind),
+    ).info.run_id
+    try:
+        totals = {**stage_metrics(result), **memory}
+        client.log_batch(
+            parent,
+            metrics=_metrics(history + [(k, v, 0) for k, v in totals.items()]),
+            params=[Param(k, v) for k, v in _params(result).items()],
+        )
+        _log_artifacts(client, parent, result, manifest, store)
+        for step in _learned_steps(result, kind):
+            _log_class_run(client, experiment, parent, result, manifest, step, history)
+    except BaseException:
+        _terminate_quietly(client, parent, "FAILED")
+        raise
+    client.set_terminated(parent)
+    log.info("logged to MLflow at %s: experiment %r, run %s", target.uri, name, parent)
+    return parent
+
+
+def _log_class_run(
+    client: MlflowClient,
+    experiment: str,
+    parent: str,
+    result: RunResult,
+    manifest: dict[str, Any],
+    step: int,
+    history: list[tuple[str, float, int]],
+) -> None:
+    """The nested run of the class learned at `step`: its row of figures and its learning cost."""
+    entry = manifest["tasks"][step - 1]
+    tags = {
+        MLFLOW_PARENT_RUN_ID: parent,
+        "ucad.model": result.model,
+        "ucad.model_version": str(step),  # every version adds exactly one class
+        "ucad.class": entry["name"],
+        **{f"ucad.digest.{stage}": digest for stage, digest in _digests(entry).items()},
+    }
+    run = client.create_run(experiment, tags=tags, run_name=f"{step:02d} {entry['name']}")
+    own = [r for r in result.stages if r.task == entry["name"] and r.stage in LEARNING_STAGES]
+    own_values = {f"seconds/{r.stage}": r.seconds for r in own}
+    own_values |= {f"cached/{r.stage}": float(r.cached) for r in own}
+    if isinstance(entry.get("threshold"), (int, float)):
+        own_values["threshold"] = entry["threshold"]  # the class's decision threshold (a score)
+    client.log_batch(
+        run.info.run_id,
+        metrics=_metrics(
+            [m for m in history if m[2] == step] + [(k, v, step) for k, v in own_values.items()]
+        ),
+        params=[Param("class", entry["name"]), Param("step", str(step))],
+    )
+    client.set_terminated(run.info.run_id)
+
+
+def _digests(entry: dict[str, Any]) -> dict[str, str]:
+    # manifests written before a stage existed lack its digest
+    return {stage: entry[stage] for stage in LEARNING_STAGES if stage in entry}
+
+
+def _learned_steps(result: RunResult, kind: str) -> list[int]:
+    """Steps (= model versions) this run learned: all of a benchmark, the new one of add-task."""
+    if kind == "benchmark":
+        return list(range(1, result.version + 1))
+    return [result.version] if result.new_version else []
+
+
+def _terminate_quietly(client: MlflowClient, run_id: str, status: str) -> None:
+    try:
+        client.set_terminated(run_id, status)
+    except Exception:  # the server that just failed us may be gone; the warning says enough
+        log.debug("could not mark MLflow run %s %s", run_id, status, exc_info=True)
+
+
+def experiment_name(kind: str, manifest: dict[str, Any]) -> str:
+    """One experiment per model (add-task) and per benchmark stream (dataset and class order)."""
+    # No "/" in names: the UI reads it as a folder path and shows only the last part.
+    if kind == "add-task":
+        return f"ucad model {manifest['model']}"
+    names = [t["name"] for t in manifest["tasks"]]
+    order = ",".join(names)
+    if len(order) > 200:  # MLflow caps names at 500 characters; keep the name readable
+        order = f"{len(names)} classes {_short_hash(order)}"
+    dataset = Path(manifest["tasks"][0]["data"]["root"]).name or "data"
+    return f"ucad benchmark {dataset}: {order}"
+
+
+def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as err:
+            if err.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+                raise
+            experiment = client.get_experiment_by_name(name)  # another run created it meanwhile
+    if experiment.lifecycle_stage == "deleted":
+        raise MlflowException(
+            f"experiment {name!r} is deleted; restore it in the MLflow UI, or remove it for good "
+            "with `mlflow gc`, to log this run"
+        )
+    return experiment.experiment_id
+
+
+def _parent_name(result: RunResult, kind: str) -> str:
+    if kind == "benchmark":
+        return result.model
+    added = f"+{result.tasks[-1]}" if result.new_version else "unchanged"
+    return f"{result.model} v{result.version} {added}"
+
+
+# Params, tags, metrics -----------------------------------------------------------------------
+
+
+def _params(result: RunResult) -> dict[str, str]:
+    """The resolved config, one param per field, and the routing (it changes the figures)."""
+    fields = result.config.model_dump(mode="json")
+    params = {k: v if isinstance(v, str) else json.dumps(v) for k, v in fields.items()}
+    return {**params, "routing": result.routing}
+
+
+def _parent_tags(
+    result: RunResult,
+    manifest: dict[str, Any],
+    store: ArtifactStore,
+    kind: str,
+    flow_run_id: str | None,
+) -> dict[str, str]:
+    tasks = manifest["tasks"]
+    tags = {
+        "ucad.kind": kind,
+        "ucad.model": result.model,
+        "ucad.model_version": str(result.version),
+        "ucad.new_version": str(result.new_version).lower(),
+        "ucad.classes": ", ".join(result.tasks),
+        "ucad.store": store.root,
+        "ucad.data": ", ".join(sorted({t["data"]["root"] for t in tasks})),
+        "ucad.digests": json.dumps({t["name"]: _digests(t) for t in tasks}),
+        MLFLOW_RUN_NOTE: (
+            f"ucad {kind}: {' → '.join(result.tasks)} into model {result.model} "
+            f"v{result.version}; routing {result.routing}, seed {result.config.seed}"
+        ),
+        **{f"versions.{name}": version for name, version in package_versions().items()},
+    }
+    commit, dirty = _git_state()
+    if commit:
+        tags[MLFLOW_GIT_COMMIT] = commit
+        tags["ucad.git_dirty"] = str(dirty).lower()
+    if flow_run_id:
+        tags["prefect.flow_run_id"] = flow_run_id
+    return tags
+
+
+def package_versions() -> dict[str, str]:
+    # torch's own string names its build (+cu130, +cpu), which the package metadata does not
+    versions = {
+        "python": platform.python_version(),
+        "ucad": __version__,
+        "torch": torch.__version__,
+    }
+    if torch.version.cuda:
+        versions["cuda"] = torch.version.cuda
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _git_state() -> tuple[str | None, bool]:
+    """Commit of the ucad checkout this code runs from, and whether it has uncommitted changes.
+
+    Only for a source checkout: an installed ucad inside some other repository must not report
+    that repository's commit.
+    """
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / ".git").exists():
+        return None, False
+    try:
+        commit = _git(checkout, "rev-parse", "HEAD")
+        dirty = bool(_git(checkout, "status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return None, False
+    return commit or None, dirty
+
+
+def _git(checkout: Path, *args: str) -> str:
+    done = subprocess.run(
+        ["git", "-C", str(checkout), *args], capture_output=True, text=True, timeout=10, check=True
+    )
+    return done.stdout.strip()
+
+
+def history_metrics(result: RunResult) -> list[tuple[str, float, int]]:
+    """(key, value, step) of every figure of the model's history; step = classes learned.
+
+    Row t of the results matrix is the model after learning t + 1 classes, so a class's chart in
+    the UI shows how its figure evolves as classes are added. Undefined values are left out.
+    """
+    out: list[tuple[str, float, int]] = []
+    for metric in result.results.metrics:
+        rows = result.results.matrix(metric)
+        for t, row in enumerate(rows):
+            step = t + 1
+            out += [
+                (f"{metric}/{metric_key(result.tasks[j])}", value, step)
+                for j, value in enumerate(row[:step])
+                if value is not None
+            ]
+            out.append((f"mean/{metric}", final(rows[:step]), step))
+            if step > 1:
+                out.append((f"forgetting/{metric}", forgetting(rows[:step]), step))
+    return [(k, v, s) for k, v, s in out if not math.isnan(v)]
+
+
+def stage_metrics(result: RunResult) -> dict[str, float]:
+    """Seconds spent and stages computed/cached, per stage and in total, in this run."""
+    out: dict[str, float] = {}
+    for record in result.stages:
+        for stage in (record.stage, "total"):
+            for key in (f"seconds/{stage}", f"computed/{stage}", f"cached/{stage}"):
+                out.setdefault(key, 0.0)
+            out[f"seconds/{stage}"] += record.seconds
+            out[f"{'cached' if record.cached else 'computed'}/{stage}"] += 1
+    return out
+
+
+def metric_key(name: str) -> str:
+    """A class name as an MLflow metric key part (letters, digits, _ - . and space only)."""
+    return re.sub(r"[^\w.\- ]", "_", name)
+
+
+def _metrics(values: Sequence[tuple[str, float, int]]) -> list[Metric]:
+    now = int(time.time() * 1000)
+    return [Metric(key, float(value), now, step) for key, value, step in values]
+
+
+def _peak_memory() -> dict[str, float]:
+    """Peak memory of this process so far (the whole process lifetime, not only this run)."""
+    out = {}
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        pass
+    else:
+        # ru_maxrss is in KiB on Linux, in bytes on macOS
+        unit = 1 if sys.platform == "darwin" else 1024
+        out["memory/peak_rss_mb"] = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20
+        )
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["memory/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+# Artifacts ---------------------------------------------------------------------------------------
+
+
+def _log_artifacts(
+    client: MlflowClient,
+    run_id: str,
+    result: RunResult,
+    manifest: dict[str, Any],
+    store: ArtifactStore,
+) -> None:
+    client.log_dict(run_id, result.config.model_dump(mode="json"), "config.yaml")
+    client.log_dict(run_id, result.as_json(), "result.json")
+    for metric in result.results.metrics:
+        rows = result.results.matrix(metric)
+        client.log_text(run_id, matrix_csv(result.tasks, rows), f"results/{metric}.csv")
+        client.log_figure(
+            run_id, matrix_figure(result.tasks, rows, metric), f"results/{metric}.png"
+        )
+    client.log_figure(run_id, curves_figure(result), "results/curves.png")
+    for name, figure in gallery(store, manifest).items():
+        client.log_figure(run_id, figure, f"gallery/{metric_key(name)}.png")
+
+
+def matrix_csv(tasks: list[str], rows: list[list[float | None]]) -> str:
+    """Row = after learning that class, column = class evaluated; empty where undefined."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["after learning", *tasks])
+    for name, row in zip(tasks, rows, strict=False):
+        writer.writerow([name, *("" if v is None else f"{v:.6f}" for v in row)])
+    return text.getvalue()
+
+
+def matrix_figure(tasks: list[str], rows: list[list[float | None]], metric: str) -> Figure:
+    values = np.array([[np.nan if v is None else v for v in row] for row in rows])
+    size = min(2.0 + 0.6 * len(tasks), 12.0)
+    figure = Figure(figsize=(size + 1.0, size), layout="constrained")
+    ax = figure.subplots()
+    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=1.0)
+    for (t, j), value in np.ndenumerate(values):
+        if not np.isnan(value):
+            colour = "black" if value > 0.6 else "white"  # readable on viridis
+            ax.text(j, t, f"{value:.2f}", ha="center", va="center", fontsize=8, color=colour)
+    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
+    ax.set_yticks(range(len(rows)), tasks[: len(rows)])
+    ax.set_xlabel("class evaluated")
+    ax.set_ylabel("after learning")
+    ax.set_title(metric)
+    figure.colorbar(image, ax=ax, shrink=0.8)
+    return figure
+
+
+def curves_figure(result: RunResult) -> Figure:
+    """Mean and forgetting of every metric after each class learned."""
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    mean_ax, forgetting_ax = figure.subplots(1, 2)
+    steps = np.arange(1, result.results.n_learned + 1)
+    for metric in result.results.metrics:
+        rows = result.results.matrix(metric)
+        mean_ax.plot(steps, [final(rows[:s]) for s in steps], marker="o", label=metric)
+        forgetting_ax.plot(
+            steps[1:], [forgetting(rows[:s]) for s in steps[1:]], marker="o", label=metric
+        )
+    for ax, title in ((mean_ax, "mean over classes learned"), (forgetting_ax, "forgetting")):
+        ax.set_title(title)
+        ax.set_xlabel("classes learned")
+        ax.set_xticks(steps)
+        ax.grid(alpha=0.3)
+    mean_ax.set_ylim(0, 1.02)
+    mean_ax.legend(fontsize=8, loc="lower left")
+    return figure
+
+
+def gallery(store: ArtifactStore, manifest: dict[str, Any]) -> dict[str, Figure]:
+    """What `ucad predict` says about a few normal and defective test images of each class.
+
+    Each image selects its class by its keys and is decided against that class's threshold, as
+    in deployment. A class whose test data is gone is skipped with a warning.
+    """
+    inspector = Inspector.load(store, f"{manifest['model']}@{manifest['version']}")
+    figures = {}
+    for entry in manifest["tasks"]:
+        data = entry["data"]
+        try:
+            samples = _gallery_samples(read_task(data["root"], entry["name"], data["format"]))
+            results = inspector.predict([sample.image for sample in samples])
+            masks = [None if s.mask is None else load_mask(s.mask) for s in samples]
+        except (OSError, ValueError) as err:
+            log.warning("gallery: skipping class %s: %s", entry["name"], err)
+            continue
+        figures[entry["name"]] = gallery_figure(entry["name"], samples, results, masks)
+    return figures
+
+
+def _gallery_samples(task: TaskData) -> list[TestSample]:
+    normal = [s for s in task.test if s.label == 0]
+    defective = [s for s in task.test if s.label == 1]
+    return _spread(normal, GALLERY_NORMAL) + _spread(defective, GALLERY_DEFECTIVE)
+
+
+def _spread(samples: list[TestSample], k: int) -> list[TestSample]:
+    """k samples evenly spaced over the path-sorted list, so they span defect types."""
+    if len(samples) <= k:
+        return samples
+    return [samples[i] for i in np.linspace(0, len(samples) - 1, k).round().astype(int)]
+
+
+def gallery_figure(
+    name: str, samples: list[TestSample], results: list[Result], masks: list[np.ndarray | None]
+) -> Figure:
+    """Top: the image; bottom: its heat map; ground truth outlined in white on both."""
+    figure = Figure(figsize=(1.8 * len(samples), 4.2), dpi=72, layout="constrained")
+    axes = figure.subplots(2, len(samples), squeeze=False)
+    for (top, bottom), sample, result, mask in zip(axes.T, samples, results, masks, strict=True):
+        top.imshow(result.image)
+        bottom.imshow(result.overlay())
+        if mask is not None and mask.any():
+            for ax in (top, bottom):
+                ax.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
+        verdict = "anomalous" if result.anomalous else "normal"
+        title = f"{sample.defect}: {verdict}\n{result.score:.3g} / {result.threshold:.3g}"
+        if result.task != name:
+            title += f"\nas {result.task}"
+        top.set_title(title, fontsize=8)
+        top.set_axis_off()
+        bottom.set_axis_off()
+    figure.suptitle(
+        f"{name}   (score / threshold; heat: blue 0, green threshold, red 2x threshold)",
+        fontsize=8,
+    )
+    return figure
