@@ -162,7 +162,7 @@ def tiny_sam(seed: int, depth: int = 1) -> Sam:
 
 def test_sam_structure_from_tiny_model():
     # Random weights predict low IoU and unstable masks: zero thresholds keep them.
-    source = SamStructure.from_model(
+    source = SamStructure(
         tiny_sam(0),
         device="cpu",
         points_per_side=4,
@@ -206,7 +206,7 @@ def test_sam_structure_names_file_with_wrong_model_type(tmp_path):
     path = tmp_path / "tiny_for_vit_b.pth"
     torch.save(tiny_sam(0).state_dict(), path)
     with pytest.raises(ValueError, match="tiny_for_vit_b.pth"):
-        SamStructure("vit_b", checkpoint=path, device="cpu")
+        SamStructure.from_checkpoint("vit_b", checkpoint=path, device="cpu")
 
 
 def test_resolve_local_checkpoint(tmp_path):

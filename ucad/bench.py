@@ -347,7 +347,7 @@ def _structure(settings: BenchSettings) -> tuple[Config, SamStructure | None, st
     if _sam_weights(config) is not None:
         return config, None, f"SAM {config.sam_model}"
     model = sam_model_registry[config.sam_model](checkpoint=None)
-    source = SamStructure.from_model(
+    source = SamStructure(
         model,
         device=config.device if config.device != "auto" else None,
         points_per_side=config.sam_points_per_side,

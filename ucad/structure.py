@@ -14,6 +14,7 @@ import tempfile
 import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -254,30 +255,6 @@ class SamStructure(StructureSource):
 
     def __init__(
         self,
-        model_type: str = "vit_b",
-        checkpoint: str | Path | None = None,
-        device: torch.device | str | None = None,
-        points_per_side: int = 32,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        box_nms_thresh: float = 0.7,
-        points_per_batch: int = 64,
-        cache_dir: Path | None = None,
-    ) -> None:
-        model = load_sam(model_type, resolve_sam_checkpoint(model_type, checkpoint, cache_dir))
-        self._setup(
-            model,
-            device,
-            points_per_side=points_per_side,
-            pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh,
-            box_nms_thresh=box_nms_thresh,
-            points_per_batch=points_per_batch,
-        )
-
-    @classmethod
-    def from_model(
-        cls,
         model: Sam,
         device: torch.device | str | None = None,
         points_per_side: int = 32,
@@ -285,26 +262,31 @@ class SamStructure(StructureSource):
         stability_score_thresh: float = 0.95,
         box_nms_thresh: float = 0.7,
         points_per_batch: int = 64,
-    ) -> SamStructure:
-        """A source around an already built SAM model (tests use a tiny random one)."""
-        source = cls.__new__(cls)
-        source._setup(
-            model,
-            device,
+    ) -> None:
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = model.to(device).eval()
+        self.generator = SamAutomaticMaskGenerator(
+            self.model,
             points_per_side=points_per_side,
             pred_iou_thresh=pred_iou_thresh,
             stability_score_thresh=stability_score_thresh,
             box_nms_thresh=box_nms_thresh,
             points_per_batch=points_per_batch,
         )
-        return source
-
-    def _setup(self, model: Sam, device: torch.device | str | None, **generator_params) -> None:
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = model.to(device).eval()
-        self.generator = SamAutomaticMaskGenerator(self.model, **generator_params)
         # The generator keeps the current image's embedding between calls: one image at a time.
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        model_type: str = "vit_b",
+        checkpoint: str | Path | None = None,
+        cache_dir: Path | None = None,
+        **params,
+    ) -> SamStructure:
+        """SAM `model_type` with its weights from `checkpoint`, or the verified download cache."""
+        path = resolve_sam_checkpoint(model_type, checkpoint, cache_dir)
+        return cls(load_sam(model_type, path), **params)
 
     def label_map(self, image: np.ndarray) -> np.ndarray:
         _check_image(image)
@@ -313,14 +295,14 @@ class SamStructure(StructureSource):
         return paint_masks(masks, image.shape[:2])
 
 
-STRUCTURE_SOURCES: dict[str, type[StructureSource]] = {
-    "sam": SamStructure,
+STRUCTURE_SOURCES: dict[str, Callable[..., StructureSource]] = {
+    "sam": SamStructure.from_checkpoint,
     "superpixel": SuperpixelStructure,
 }
 
 
 def make_structure_source(kind: str, **params) -> StructureSource:
-    """Build the structure source named `kind` with its constructor's keyword `params`."""
+    """Build the structure source named `kind` with its builder's keyword `params`."""
     if kind not in STRUCTURE_SOURCES:
         raise ValueError(
             f"unknown structure source {kind!r}; choose from {list(STRUCTURE_SOURCES)}"
