@@ -67,7 +67,7 @@ def approximate_coreset(x: Tensor, k: int, projection_dim: int = 128, seed: int 
 
 def sample_keys(features: Tensor, key_size: int) -> Tensor:
     """Task keys: ``key_size`` patch vectors of ``features`` (N, P, D), farthest point sampling."""
-    patches = _flatten_patches(features)
+    patches = flatten_patches(features)
     return _gather_cpu(patches, farthest_point_sampling(patches, key_size))
 
 
@@ -75,7 +75,7 @@ def sample_knowledge(
     features: Tensor, knowledge_size: int, projection_dim: int = 128, seed: int = 0
 ) -> Tensor:
     """Task knowledge: ``knowledge_size`` patch vectors of ``features`` (N, P, D) by coreset."""
-    patches = _flatten_patches(features)
+    patches = flatten_patches(features)
     indices = approximate_coreset(patches, knowledge_size, projection_dim=projection_dim, seed=seed)
     return _gather_cpu(patches, indices)
 
@@ -85,7 +85,8 @@ def _check_matrix(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a non-empty (N, D) matrix, got shape {tuple(x.shape)}")
 
 
-def _flatten_patches(features: Tensor) -> Tensor:
+def flatten_patches(features: Tensor) -> Tensor:
+    """(N, P, D) patch features -> (N * P, D) rows, image by image."""
     if features.ndim != 3:
         raise ValueError(f"features must be (N, P, D), got shape {tuple(features.shape)}")
     return features.reshape(-1, features.shape[-1])

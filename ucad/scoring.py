@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ucad.sampling import flatten_patches
+
 # Big enough for efficient matrix products, small enough that the reduction after each product
 # reads a block still warm in cache.
 _BLOCK_BYTES = 32 * 2**20
@@ -44,7 +46,7 @@ def task_distances(
     ``features`` (N, P, D), ``keys`` one (K_t, D) tensor per task; returns (N, T).
     All keys form one bank, so each block of patches needs a single matrix product.
     """
-    patches = _flatten_patches(features)
+    patches = flatten_patches(features)
     bank = _padded_key_bank(keys, patches.device)  # (T, K_max, D)
     num_tasks, slots = bank.shape[:2]
     per_patch = [
@@ -61,7 +63,7 @@ def select_task(features: Tensor, keys: Sequence[Tensor]) -> Tensor:
 
 def patch_scores(features: Tensor, knowledge: Tensor) -> Tensor:
     """Patch scores (N, P): distance of each patch of ``features`` (N, P, D) to the knowledge."""
-    dist, _ = nearest_distances(_flatten_patches(features), knowledge)
+    dist, _ = nearest_distances(flatten_patches(features), knowledge)
     return dist.view(features.shape[:2])
 
 
@@ -191,9 +193,3 @@ def _blur_axis(maps: Tensor, sigma: float, radius: int, dim: int) -> Tensor:
         return F.conv2d(padded, kernel.view(1, 1, -1, 1))
     padded = F.pad(maps, (radius, radius, 0, 0), mode="reflect")
     return F.conv2d(padded, kernel.view(1, 1, 1, -1))
-
-
-def _flatten_patches(features: Tensor) -> Tensor:
-    if features.ndim != 3:
-        raise ValueError(f"features must be (N, P, D), got shape {tuple(features.shape)}")
-    return features.reshape(-1, features.shape[-1])
