@@ -5,6 +5,7 @@ Every claim is checked by counting computed stages, never by timing.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -167,3 +168,13 @@ def test_killed_run_leaves_nothing_trusted_and_the_next_run_finishes(synth_root,
     cached = {s["stage"] for s in result["stages"] if s["cached"]}
     computed_now = {s["stage"] for s in result["stages"] if not s["cached"]}
     assert {"structure", "keys"} <= cached and {"prompts", "knowledge"} <= computed_now
+
+
+def test_the_same_files_elsewhere_are_the_same_class(synth_root, tmp_path, config):
+    store = ArtifactStore(tmp_path / "store")
+    first = add_task("m", "grain", synth_root, "mvtec", config, store)
+    moved = tmp_path / "moved"
+    shutil.copytree(synth_root / "grain", moved / "grain")
+    again = add_task("m", "grain", moved, "mvtec", config, store)
+    assert not again.new_version and computed(again) == Counter()
+    assert store.model_versions("m") == [first.version]
