@@ -468,9 +468,10 @@ def _inference_figures(
     config, backbone = rt.config, rt.backbone
     batch = config.inference_batch_size
     with meter.measure() as frozen_reading:
-        frozen = extract_features(backbone, test, None, batch)
+        frozen = extract_features(backbone, test, None, batch, on_device=True)
     with meter.measure() as search:
-        scoring.select_task(frozen, [memory.keys])  # every image selects the one class
+        # every image selects the one class; the search runs on the backbone's device
+        scoring.select_task(frozen, [memory.keys.to(frozen.device)])
     with meter.measure() as floor_frozen:
         forward_passes(backbone, test, None, batch)
     with meter.measure() as scored:
@@ -531,6 +532,7 @@ def _scaling(
             memory.keys + spread * torch.randn(memory.keys.shape, generator=generator)
             for _ in range(classes - 1)
         ]
+        keys = [k.to(frozen.device) for k in keys]
         with meter.measure() as search:
             scoring.select_task(frozen, keys)
         search_per_image = search.seconds / n

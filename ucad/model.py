@@ -60,17 +60,23 @@ def input_geometry(config: Config, backbone: PromptedViT) -> Geometry:
 def score_images(
     backbone: PromptedViT, images: np.ndarray, memory: TaskMemory, config: Config
 ) -> tuple[Tensor, Tensor]:
-    """Patch scores (N, P) and image scores (N,) of images under one task's memory."""
-    prompted = extract_features(backbone, images, memory.prompts, config.inference_batch_size)
-    patch = scoring.patch_scores(prompted, memory.knowledge)
+    """Patch scores (N, P) and image scores (N,), on the CPU, of images under one task's memory.
+
+    The nearest-neighbour search runs where the backbone runs (the GPU when there is one).
+    """
+    prompted = extract_features(
+        backbone, images, memory.prompts, config.inference_batch_size, on_device=True
+    )
+    knowledge = memory.knowledge.to(prompted.device)
+    patch = scoring.patch_scores(prompted, knowledge)
     image = scoring.image_scores(
         prompted,
-        memory.knowledge,
+        knowledge,
         patch,
         reweight=config.reweight,
         neighbours=config.reweight_neighbours,
     )
-    return patch, image
+    return patch.cpu(), image.cpu()
 
 
 class UCAD:
@@ -110,8 +116,11 @@ class UCAD:
 
     def select_task(self, images: np.ndarray) -> Tensor:
         """(N,) index of the task each image's frozen features are closest to."""
-        frozen = extract_features(self.backbone, images, None, self.config.inference_batch_size)
-        return scoring.select_task(frozen, [memory.keys for memory in self.memories])
+        frozen = extract_features(
+            self.backbone, images, None, self.config.inference_batch_size, on_device=True
+        )
+        keys = [memory.keys.to(frozen.device) for memory in self.memories]
+        return scoring.select_task(frozen, keys).cpu()
 
     def predict(self, images: np.ndarray, task: int | None = None) -> Prediction:
         """Score uint8 (N, H, W, 3) images; the task is chosen per image unless given."""

@@ -18,20 +18,23 @@ def extract_features(
     prompts: Tensor | None = None,
     batch_size: int = 32,
     desc: str = "features",
+    on_device: bool = False,
 ) -> Tensor:
-    """uint8 images (N, H, W, 3) -> float32 patch features (N, P, D) on the CPU.
+    """uint8 images (N, H, W, 3) -> float32 patch features (N, P, D), on the CPU by default.
 
     `prompts=None` is the frozen backbone (keys, task selection); a task's prompts give the
-    prompted features (knowledge, scoring).
+    prompted features (knowledge, scoring). `on_device=True` keeps them on the backbone's device
+    for a search that follows there (inference on a GPU).
     """
     device = backbone.mean.device
     if prompts is not None:
         prompts = prompts.to(device)
-    out = torch.empty((len(images), backbone.num_patches, backbone.embed_dim), dtype=torch.float32)
+    shape = (len(images), backbone.num_patches, backbone.embed_dim)
+    out = torch.empty(shape, dtype=torch.float32, device=device if on_device else "cpu")
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=None):
         batch = backbone.prepare(images[start : start + batch_size], device)
         with autocast(device):
             feats = backbone.features(batch, prompts)
-        out[start : start + len(batch)] = feats.float().cpu()
+        out[start : start + len(batch)] = feats.float().to(out.device)
     return out
