@@ -18,7 +18,7 @@ from prefect.runtime import flow_run
 from flows.tasks import stage_runner
 from ucad import continual
 from ucad.config import Config, load_config
-from ucad.report import format_result
+from ucad.report import format_run
 from ucad.store import ArtifactStore
 from ucad.tracking import log_result
 
@@ -114,16 +114,7 @@ def _report(
 ) -> dict[str, Any]:
     """Log the results tables and what the run computed, then to MLflow; return the JSON."""
     data = result.as_json()
-    computed = sum(not stage["cached"] for stage in data["stages"])
-    get_run_logger().info(
-        "%s\n\nmodel %s version %d%s; stages: %d computed, %d cached",
-        format_result(data),
-        data["model"],
-        data["version"],
-        "" if data["new_version"] else " (unchanged)",
-        computed,
-        len(data["stages"]) - computed,
-    )
+    get_run_logger().info("%s", format_run(data))
     if tracking:  # a failure to log is a warning: the results are in the store either way
         log_result(result, store, kind, flow_run_id=flow_run.id, started=started)
     return data

@@ -66,16 +66,10 @@ def _store(args: argparse.Namespace):
 
 
 def _report(result, json_path: Path | None) -> None:
-    from ucad.report import format_result
+    from ucad.report import format_run
 
     data = result.as_json()
-    print(format_result(data))
-    computed = [s for s in data["stages"] if not s["cached"]]
-    print(
-        f"\nmodel {data['model']} version {data['version']}"
-        f"{'' if data['new_version'] else ' (unchanged)'}; "
-        f"stages: {len(computed)} computed, {len(data['stages']) - len(computed)} cached"
-    )
+    print(format_run(data))
     if json_path:
         _write_json(json_path, data)
         print(f"wrote {json_path}")

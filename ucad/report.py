@@ -41,3 +41,13 @@ def format_result(result: dict[str, Any], metrics: tuple[str, ...] = METRICS) ->
     parts += [format_matrix(tasks, result["matrix"][m], m) for m in metrics]
     parts.append(format_summary(result))
     return "\n\n".join(parts)
+
+
+def format_run(result: dict[str, Any]) -> str:
+    """The tables of a run's JSON, then which model version it made and what it computed."""
+    computed = sum(not stage["cached"] for stage in result["stages"])
+    unchanged = "" if result["new_version"] else " (unchanged)"
+    return (
+        f"{format_result(result)}\n\nmodel {result['model']} version {result['version']}"
+        f"{unchanged}; stages: {computed} computed, {len(result['stages']) - computed} cached"
+    )
