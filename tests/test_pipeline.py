@@ -178,3 +178,33 @@ def test_the_same_files_elsewhere_are_the_same_class(synth_root, tmp_path, confi
     again = add_task("m", "grain", moved, "mvtec", config, store)
     assert not again.new_version and computed(again) == Counter()
     assert store.model_versions("m") == [first.version]
+
+
+def test_an_earlier_class_whose_data_is_gone_is_left_unevaluated(
+    synth_root, tmp_path, config, caplog
+):
+    store = ArtifactStore(tmp_path / "store")
+    data = tmp_path / "data"
+    for name in ("grain", "nut"):
+        shutil.copytree(synth_root / name, data / name)
+    add_task("m", "grain", data, "mvtec", config, store)
+    shutil.rmtree(data / "grain")  # no replay: the first class's images are gone
+    second = add_task("m", "nut", data, "mvtec", config, store)
+    matrix = second.as_json()["matrix"]["image_auroc"]
+    assert second.version == 2
+    assert matrix[0][0] is not None  # version 1's evaluation is in the store
+    assert matrix[1][0] is None and matrix[1][1] is not None
+    assert "class grain not evaluated" in caplog.text and "unknown class 'grain'" in caplog.text
+
+
+def test_changed_files_are_never_evaluated_under_the_old_fingerprint(synth_root, tmp_path, config):
+    store = ArtifactStore(tmp_path / "store")
+    data = tmp_path / "data"
+    for name in ("grain", "nut"):
+        shutil.copytree(synth_root / name, data / name)
+    add_task("m", "grain", data, "mvtec", config, store)
+    good = sorted((data / "grain" / "test" / "good").iterdir())
+    shutil.copy(good[1], good[0])  # same names, other content
+    second = add_task("m", "nut", data, "mvtec", config, store)
+    assert second.as_json()["matrix"]["image_auroc"][1][0] is None
+    assert len(store.artifacts("evaluate")) == 2  # v1: grain; v2: nut only

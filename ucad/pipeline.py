@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -123,6 +124,14 @@ class StageRecord:
         return asdict(self)
 
 
+class DataUnavailableError(FileNotFoundError):
+    """A class's recorded data cannot be read any more, or its files have changed."""
+
+
+def _test_files(data: TaskData) -> list[Path]:
+    return [s.image for s in data.test] + [s.mask for s in data.test if s.mask]
+
+
 @dataclass(frozen=True)
 class TaskSource:
     """Where one class's data lives, and what it is by content."""
@@ -135,17 +144,33 @@ class TaskSource:
 
     @classmethod
     def from_data(cls, root: str, data_format: str, data: TaskData) -> TaskSource:
-        test_files = [s.image for s in data.test] + [s.mask for s in data.test if s.mask]
         return cls(
             name=data.name,
             root=os.path.abspath(root),  # flow runs and commands may start in other folders
             format=data_format,
             train=fingerprint_files(data.train, root),
-            test=fingerprint_files(test_files, root),
+            test=fingerprint_files(_test_files(data), root),
         )
 
-    def read(self) -> TaskData:
-        return read_task(self.root, self.name, self.format)
+    def read(self, split: str) -> TaskData:
+        """The class's data, verified by content: its `split` files must be those recorded.
+
+        Earlier classes' data may be gone (or replaced) by the time a later class is learned;
+        computing on other files under the recorded fingerprint would corrupt the store.
+        """
+        try:
+            data = read_task(self.root, self.name, self.format)
+        except (OSError, ValueError) as err:
+            raise DataUnavailableError(
+                f"class {self.name!r}: its data cannot be read: {err}"
+            ) from err
+        files = data.train if split == "train" else _test_files(data)
+        if fingerprint_files(files, self.root) != getattr(self, split):
+            raise DataUnavailableError(
+                f"class {self.name!r}: the {split} files under {self.root} have changed since "
+                "the class was learned"
+            )
+        return data
 
 
 def structure_source_for(config: Config, device: torch.device) -> StructureSource:
@@ -191,13 +216,13 @@ class Runtime:
 
     def train_images(self, source: TaskSource) -> np.ndarray:
         if source.train not in self._train:
-            paths = source.read().train
+            paths = source.read("train").train
             self._train[source.train] = load_images(paths, self.geometry, self.config.workers)
         return self._train[source.train]
 
     def test_set(self, source: TaskSource) -> TestSet:
         if source.test not in self._test:
-            samples = source.read().test
+            samples = source.read("test").test
             self._test[source.test] = load_test_set(samples, self.geometry, self.config.workers)
         return self._test[source.test]
 
