@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
+from loopback import free_port
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -34,12 +34,6 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
 SMOKE = {"epochs": 1, "key_size": 32, "knowledge_size": 64, "max_workers": 2}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _children(pid: int) -> list[int]:
@@ -92,7 +86,7 @@ class Services:
     """A Prefect server, and later a worker, started for one test; `stop` ends both."""
 
     def __init__(self, tmp: Path) -> None:
-        port = _free_port()
+        port = free_port()
         self.api = f"http://127.0.0.1:{port}/api"
         self.store = tmp / "store"
         self.env = {

@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from loopback import free_port
 from mlflow import MlflowClient
 
 import ucad
@@ -34,13 +34,6 @@ CLASSES = ["grain", "nut"]
 FLOW_RUN_ID = "3f6c2a1e-0000-4000-8000-000000000001"
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (bound and released: the OS will not reuse it soon)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

@@ -281,7 +281,8 @@ def forgetting(matrix: Sequence[Sequence[float | None]]) -> float | None:
     return _nanmean(best_before - results[k, :k])
 
 
-def _json_float(value: float | None) -> float | None:
+def json_float(value: float | None) -> float | None:
+    """A figure for JSON: undefined values (NaN) become None (null)."""
     return None if value is None or math.isnan(value) else float(value)
 
 
@@ -323,7 +324,7 @@ class ResultsMatrix:
             raise ValueError(f"unknown metric {metric!r}; tracked: {self.metrics}")
         values = self._values[metric][: self.n_learned]
         return [
-            [_json_float(v) if j <= t else None for j, v in enumerate(row)]
+            [json_float(v) if j <= t else None for j, v in enumerate(row)]
             for t, row in enumerate(values)
         ]
 
@@ -339,6 +340,6 @@ class ResultsMatrix:
             raise ValueError("no results set yet")
         return {
             "matrix": {m: self.matrix(m) for m in self.metrics},
-            "final": {m: _json_float(v) for m, v in self.final().items()},
-            "forgetting": {m: _json_float(v) for m, v in self.forgetting().items()},
+            "final": {m: json_float(v) for m, v in self.final().items()},
+            "forgetting": {m: json_float(v) for m, v in self.forgetting().items()},
         }

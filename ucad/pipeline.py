@@ -39,7 +39,7 @@ from ucad.config import Config
 from ucad.data.datasets import TaskData, read_task
 from ucad.data.images import Geometry, TestSet, load_images, load_test_set
 from ucad.device import resolve_device
-from ucad.metrics import task_metrics
+from ucad.metrics import json_float, task_metrics
 from ucad.model import TaskMemory, input_geometry, score_images
 from ucad.sampling import sample_keys, sample_knowledge
 from ucad.scoring import anomaly_maps, task_distances
@@ -230,15 +230,25 @@ class Runtime:
 Compute = Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]]
 
 
+def _lookup(
+    rt: Runtime, stage: str, task: str, inputs: dict[str, Any]
+) -> tuple[str, StageRecord | None]:
+    """The stage's digest, and its cached record when the store already has the artifact."""
+    key = digest(stage, CODE_VERSIONS[stage], stage_fields(stage, rt.config), inputs)
+    if not rt.store.has(stage, key):
+        return key, None
+    log.info("%s/%s: cached (%s)", stage, task, key[:12])
+    return key, StageRecord(stage, task, key, True, 0.0)
+
+
 def _cached(
     rt: Runtime, stage: str, task: str, inputs: dict[str, Any], compute: Compute
 ) -> StageRecord:
     """Look the stage's digest up in the store; compute and publish it only when absent."""
+    key, cached = _lookup(rt, stage, task, inputs)
+    if cached is not None:
+        return cached
     fields = stage_fields(stage, rt.config)
-    key = digest(stage, CODE_VERSIONS[stage], fields, inputs)
-    if rt.store.has(stage, key):
-        log.info("%s/%s: cached (%s)", stage, task, key[:12])
-        return StageRecord(stage, task, key, True, 0.0)
     log.info("%s/%s: computing", stage, task)
     started = time.perf_counter()
     arrays, attrs = compute()
@@ -446,11 +456,10 @@ def run_evaluate(
     source = TaskSource(**tasks[j]["data"])
     memories = [{k: t[k] for k in ("keys", "prompts", "knowledge")} for t in tasks]
     inputs = {"test": source.test, "tasks": memories, "routing": routing, "j": j}
-    fields = stage_fields("evaluate", rt.config)
-    key = digest("evaluate", CODE_VERSIONS["evaluate"], fields, inputs)
-    if rt.store.has("evaluate", key):
-        record = StageRecord("evaluate", source.name, key, True, 0.0)
-        return [record], _metrics_of(rt.store.get("evaluate", key).attrs)
+    # Checked before routing and scoring: a cached evaluation needs none of its inputs' work.
+    key, cached = _lookup(rt, "evaluate", source.name, inputs)
+    if cached is not None:
+        return [cached], _metrics_of(rt.store.get("evaluate", key).attrs)
 
     records: list[StageRecord] = []
     selected, score_records = _route_and_score(rt, tasks, j, source, routing, records)
@@ -474,7 +483,7 @@ def run_evaluate(
         ).numpy()
         metrics = task_metrics(image, test.labels, maps, test.masks, selected, j)
         arrays = {"selected": selected.astype(np.int64), "image_scores": image}
-        return arrays, {"metrics": {k: _json_number(v) for k, v in metrics.items()}}
+        return arrays, {"metrics": {k: json_float(v) for k, v in metrics.items()}}
 
     record = _cached(rt, "evaluate", source.name, inputs, compute)
     records.append(record)
@@ -519,10 +528,6 @@ def _route_and_score(
         records.append(record)
         score_records[t] = record
     return selected, score_records
-
-
-def _json_number(value: float) -> float | None:
-    return None if value != value else float(value)  # NaN -> null
 
 
 def _metrics_of(attrs: dict[str, Any]) -> dict[str, float]:
