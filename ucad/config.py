@@ -39,7 +39,7 @@ class Config(BaseModel):
     prompt_length: int = Field(default=1, ge=1)
 
     # Structure maps for the contrastive loss.
-    structure: Literal["sam", "superpixel"] = "sam"
+    structure: Literal["sam", "sam_reference", "superpixel"] = "sam"
     sam_model: Literal["vit_b", "vit_l", "vit_h"] = "vit_b"
     sam_checkpoint: str | None = None
     sam_points_per_side: int = Field(default=32, ge=1)
