@@ -76,6 +76,7 @@ class Inspector:
         self.name = name  # where it was loaded from, for messages and reports
         self.version = version
         self.thresholds = {task: float(thresholds[task]) for task in model.task_names}
+        self.workers = model.config.workers  # threads for decoding and writing overlays
 
     @classmethod
     def load(
@@ -298,7 +299,7 @@ def predict_files(
     files = find_images(paths, exclude=out)
     targets: list[Path | None] = heatmap_paths(files, paths, out) if out else [None] * len(files)
     results = inspector.iter_predict(files)
-    workers = inspector.model.config.workers
+    workers = inspector.workers
     pending: deque[Future] = deque()
     with (
         ThreadPoolExecutor(max_workers=workers) as writer,
