@@ -1,7 +1,7 @@
 """Prefect flows: `ucad` adds a class to a model, `ucad-benchmark` replays a whole stream.
 
-Both run the library's one orchestration (`ucad.continual.add_task` / `benchmark`, the code the
-`ucad` command runs) with a PrefectRunner: each stage becomes a Prefect task run, and the
+Both run the library's requests (`ucad.continual.AddTask` / `Replay`, what the `ucad` command
+runs) with a PrefectRunner: each stage becomes a Prefect task run, and the
 per-image work goes to the task runner the config chooses. A finished run is logged to MLflow
 as the command line logs it, tagged with the flow run's id. Deployments are in prefect.yaml.
 """
@@ -10,20 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Literal
+from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from flows.tasks import stage_runner
-from ucad import continual
 from ucad.config import Config, load_config
+from ucad.continual import AddTask, Replay, RunResult
+from ucad.data.datasets import DatasetFormat
 from ucad.report import format_run
+from ucad.runs import track
+from ucad.stages.evaluate import Routing
 from ucad.store import ArtifactStore
-from ucad.tracking import log_result
-
-Format = Literal["mvtec", "visa", "folder"]
-Routing = Literal["agnostic", "oracle"]
 
 
 @flow(name="ucad", flow_run_name="{model}-{task}", persist_result=False)
@@ -31,7 +30,7 @@ def add_task_flow(
     task: str,
     data: str,
     model: str,
-    format: Format = "mvtec",
+    format: DatasetFormat = "mvtec",
     preset: str = "paper",
     config: str | None = None,
     overrides: dict[str, Any] | None = None,
@@ -54,19 +53,24 @@ def add_task_flow(
         tracking: log the run to MLflow (tracking_uri, else $MLFLOW_TRACKING_URI, else the store).
     """
     started = time.time()
-    settings = _settings(preset, config, overrides)
-    artifacts = ArtifactStore(store)
-    with stage_runner(settings, artifacts) as runner:
-        result = continual.add_task(
-            model, task, data, format, settings, artifacts, routing=routing, runner=runner
-        )
-    return _report(result, artifacts, "add-task", started, tracking)
+    request = AddTask(
+        model=model,
+        task=task,
+        data=data,
+        config=_settings(preset, config, overrides),
+        store=ArtifactStore(store),
+        format=format,
+        routing=routing,
+    )
+    with stage_runner(request.config, request.store) as runner:
+        result = request.run(runner)
+    return _report(result, request.store, "add-task", started, tracking)
 
 
 @flow(name="ucad-benchmark", persist_result=False)
 def benchmark_flow(
     data: str,
-    format: Format = "mvtec",
+    format: DatasetFormat = "mvtec",
     tasks: list[str] | None = None,
     model: str | None = None,
     preset: str = "paper",
@@ -91,13 +95,18 @@ def benchmark_flow(
         tracking: log the run to MLflow (tracking_uri, else $MLFLOW_TRACKING_URI, else the store).
     """
     started = time.time()
-    settings = _settings(preset, config, overrides)
-    artifacts = ArtifactStore(store)
-    with stage_runner(settings, artifacts) as runner:
-        result = continual.benchmark(
-            data, format, settings, artifacts, tasks, routing=routing, model=model, runner=runner
-        )
-    return _report(result, artifacts, "benchmark", started, tracking)
+    request = Replay(
+        data=data,
+        config=_settings(preset, config, overrides),
+        store=ArtifactStore(store),
+        format=format,
+        tasks=tuple(tasks) if tasks else None,
+        model=model,
+        routing=routing,
+    )
+    with stage_runner(request.config, request.store) as runner:
+        result = request.run(runner)
+    return _report(result, request.store, "benchmark", started, tracking)
 
 
 def _settings(preset: str, file: str | None, overrides: dict[str, Any] | None) -> Config:
@@ -110,11 +119,11 @@ def _settings(preset: str, file: str | None, overrides: dict[str, Any] | None) -
 
 
 def _report(
-    result: continual.RunResult, store: ArtifactStore, kind: str, started: float, tracking: bool
+    result: RunResult, store: ArtifactStore, kind: str, started: float, tracking: bool
 ) -> dict[str, Any]:
     """Log the results tables and what the run computed, then to MLflow; return the JSON."""
     data = result.as_json()
     get_run_logger().info("%s", format_run(data))
     if tracking:  # a failure to log is a warning: the results are in the store either way
-        log_result(result, store, kind, flow_run_id=flow_run.id, started=started)
+        track(result, store, kind, flow_run_id=flow_run.id, started=started)
     return data

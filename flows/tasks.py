@@ -10,22 +10,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import lru_cache
-from typing import Any
+from functools import cache, lru_cache
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import task_run
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from ucad.config import Config
-from ucad.continual import STAGES
-from ucad.pipeline import Runtime, StageRecord, TaskSource, structure_maps
+from ucad.data.source import TaskSource
+from ucad.manifest import ModelVersion
+from ucad.pipeline import Evaluation, Runtime, StageRecord
+from ucad.stages.structure import run_structure, structure_maps
 from ucad.store import ArtifactStore
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+P = ParamSpec("P")
+R = TypeVar("R", StageRecord, Evaluation)
 
 
 def runtime(config: Config, store_root: str) -> Runtime:
@@ -38,32 +41,37 @@ def _runtime(config_json: str, store_root: str) -> Runtime:
     return Runtime(Config.model_validate_json(config_json), ArtifactStore(store_root))
 
 
-def _finish(result: Any) -> Any:
+def finish(result: R) -> R | Completed:
     """Report a stage whose artifacts all existed as Cached; its result is the same either way."""
-    # `evaluation` returns (records, metrics), every other stage one record
-    records: list[StageRecord] = result[0] if isinstance(result, tuple) else [result]
-    return Completed(name="Cached", data=result) if all(r.cached for r in records) else result
+    if all(record.cached for record in result.records):
+        return Completed(name="Cached", data=result)
+    return result
 
 
-def _task_run_name() -> str:
-    """`keys-grain`; an evaluation: `evaluation-grain-v3` (class grain, model version 3)."""
-    args = task_run.parameters["args"]
-    if isinstance(args[0], TaskSource):
-        return f"{task_run.task_name}-{args[0].name}"
-    tasks, j = args[0], args[1]
-    return f"{task_run.task_name}-{tasks[j]['name']}-v{len(tasks)}"
+def stage_name(stage: Callable[..., Any]) -> str:
+    """`run_keys` -> `keys`: the stage's one name, as in its artifacts and the README."""
+    return stage.__name__.removeprefix("run_")
 
 
-def _stage_task(stage: str, function: Callable[..., Any]) -> Task:
-    def run_stage(config: Config, store_root: str, *args: Any, **hooks: Any) -> Any:
-        return _finish(function(runtime(config, store_root), *args, **hooks))
+def task_run_name(stage: str, args: tuple[Any, ...]) -> str:
+    """`keys-grain`; an evaluation: `evaluate-grain-v3` (class grain, model version 3)."""
+    subject = args[0]
+    if isinstance(subject, ModelVersion):
+        return f"{stage}-{subject.tasks[args[1]].name}-v{subject.version}"
+    if isinstance(subject, TaskSource):
+        return f"{stage}-{subject.label}"
+    return stage
 
-    run_stage.__qualname__ = function.__name__  # Prefect keys a task by its function's name
-    return task(run_stage, name=stage, task_run_name=_task_run_name, **TASK_OPTIONS)
 
+@cache
+def stage_task(stage: Callable[..., Any]) -> Task:
+    """The Prefect task of one stage function: builds its Runtime in whichever process runs it."""
 
-# Built from the library's stage table: a stage added there gets its Prefect task here.
-STAGE_TASKS: dict[str, Task] = {stage: _stage_task(stage, fn) for stage, fn in STAGES.items()}
+    def run_stage(config: Config, store_root: str, *args: Any, **kwargs: Any) -> Any:
+        return finish(stage(runtime(config, store_root), *args, **kwargs))
+
+    run_stage.__qualname__ = stage.__name__  # Prefect keys a task by its function's name
+    return task(run_stage, name=stage_name(stage), **TASK_OPTIONS)
 
 
 @task(name="structure-maps", task_run_name="structure-maps-{source.name}-{start}", **TASK_OPTIONS)
@@ -86,10 +94,13 @@ class PrefectRunner:
         self.store_root = store_root
         self.task_runner = task_runner
 
-    def __call__(self, stage: str, *args: Any) -> Any:
-        hooks = {"map_chunks": self.map_chunks} if stage == "structure" else {}
-        stage_task = STAGE_TASKS[stage]
-        return stage_task(self.config, self.store_root, *args, **hooks, return_state=True).result()
+    def __call__(
+        self, stage: Callable[Concatenate[Runtime, P], R], *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        if stage is run_structure:
+            kwargs = {**kwargs, "map_chunks": self.map_chunks}
+        named = stage_task(stage).with_options(task_run_name=task_run_name(stage_name(stage), args))
+        return named(self.config, self.store_root, *args, **kwargs, return_state=True).result()
 
     def __getstate__(self) -> dict[str, Any]:
         # `map_chunks` is a parameter of the structure task run, and Prefect pickles a task run's

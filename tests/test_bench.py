@@ -38,7 +38,7 @@ STAGES = [
     "scoring",
     "anomaly_maps",
     "inference",
-    "evaluation",
+    "evaluate",
 ]
 STAGE_FIELDS = {
     "stage",
@@ -78,7 +78,7 @@ def test_bench_runs_on_a_tiny_configuration_and_reports_every_figure(tmp_path, c
     assert floors == set(STAGES) - {"structure", "anomaly_maps"}
     inference = report["stages"][STAGES.index("inference")]
     assert set(inference["parts"]) == {"routing", "scoring", "anomaly_maps"}
-    evaluation = report["stages"][STAGES.index("evaluation")]
+    evaluation = report["stages"][STAGES.index("evaluate")]
     assert set(evaluation["parts"]) == {"features", "routing", "scores", "evaluate"}
 
     stored = report["bytes_per_class"]

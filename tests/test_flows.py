@@ -11,20 +11,14 @@ import numpy as np
 import pytest
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.tasks import PrefectRunner, _finish, runtime, task_runner_for
+from flows.tasks import PrefectRunner, finish, runtime, task_runner_for
 from ucad.config import load_config
 from ucad.continual import RUNTIME_FIELDS
 from ucad.data.datasets import read_task
-from ucad.pipeline import (
-    STAGE_FIELDS,
-    Runtime,
-    StageRecord,
-    TaskSource,
-    chunk_bounds,
-    run_structure,
-    stage_fields,
-    structure_maps,
-)
+from ucad.data.source import TaskSource
+from ucad.pipeline import Evaluation, Runtime, StageRecord, chunk_bounds
+from ucad.stages.evaluate import EVALUATE
+from ucad.stages.structure import run_structure, structure_maps
 from ucad.store import ArtifactStore
 
 
@@ -47,7 +41,8 @@ def test_a_dask_address_needs_the_dask_task_runner():
 
 
 def test_scale_out_settings_never_change_a_digest(config):
-    read = {name for stage in [*STAGE_FIELDS, "structure"] for name in stage_fields(stage, config)}
+    # evaluate consumes every other stage, so its fields are all that any digest reads
+    read = set(EVALUATE.field_names(config))
     assert not read & set(RUNTIME_FIELDS)
     assert {"task_runner", "dask_address", "max_workers"} <= set(RUNTIME_FIELDS)
 
@@ -64,12 +59,12 @@ def _record(cached: bool) -> StageRecord:
 
 
 def test_a_stage_whose_artifacts_existed_is_reported_as_cached():
-    state = _finish(_record(cached=True))
+    state = finish(_record(cached=True))
     assert state.name == "Cached" and state.is_completed() and state.data == _record(True)
-    assert _finish(_record(cached=False)) == _record(False)
-    evaluation = ([_record(True), _record(False)], {"image_auroc": 1.0})
-    assert _finish(evaluation) == evaluation  # one sub-stage computed: not cached
-    assert _finish(([_record(True)], {})).name == "Cached"
+    assert finish(_record(cached=False)) == _record(False)
+    evaluation = Evaluation({"image_auroc": 1.0}, [_record(True), _record(False)])
+    assert finish(evaluation) == evaluation  # one sub-stage computed: not cached
+    assert finish(Evaluation({}, [_record(True)])).name == "Cached"
 
 
 def test_the_runner_pickles_without_its_task_runner(config, tmp_path):

@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 
 from ucad.config import load_config
-from ucad.continual import add_task, benchmark
+from ucad.continual import AddTask, Replay
 from ucad.store import ArtifactStore, ModelVersionConflict
 
 SMOKE = {"epochs": 1, "key_size": 32, "knowledge_size": 64}
@@ -32,7 +32,7 @@ def config():
 
 def test_identical_add_task_computes_nothing_and_writes_no_version(synth_root, tmp_path, config):
     store = ArtifactStore(tmp_path / "store")
-    first = add_task("m", "grain", synth_root, "mvtec", config, store)
+    first = AddTask("m", "grain", synth_root, config, store).run()
     assert first.version == 1 and first.new_version
     assert computed(first) == Counter(
         structure=1,
@@ -45,7 +45,7 @@ def test_identical_add_task_computes_nothing_and_writes_no_version(synth_root, t
         scores=1,
         evaluate=1,
     )
-    again = add_task("m", "grain", synth_root, "mvtec", config, store)
+    again = AddTask("m", "grain", synth_root, config, store).run()
     assert computed(again) == Counter()
     assert all(s.cached for s in again.stages) and len(again.stages) >= 5
     assert not again.new_version and store.model_versions("m") == [1]
@@ -54,8 +54,8 @@ def test_identical_add_task_computes_nothing_and_writes_no_version(synth_root, t
 
 def test_new_class_computes_only_its_stages_and_new_evaluations(synth_root, tmp_path, config):
     store = ArtifactStore(tmp_path / "store")
-    add_task("m", "grain", synth_root, "mvtec", config, store)
-    second = add_task("m", "nut", synth_root, "mvtec", config, store)
+    AddTask("m", "grain", synth_root, config, store).run()
+    second = AddTask("m", "nut", synth_root, config, store).run()
     assert second.version == 2
     learned = {
         s.stage: s.task
@@ -66,8 +66,16 @@ def test_new_class_computes_only_its_stages_and_new_evaluations(synth_root, tmp_
         ("structure", "keys", "prompts", "knowledge", "calibrate"), "nut"
     )
     counts = computed(second)
-    # version 2 evaluates both classes; version 1's row is looked up, not recomputed
-    assert counts["evaluate"] == 2
+    # version 1's row is looked up; under version 2, grain's evaluation is computed again only
+    # if one of its images now selects nut (its figures are named by what they are made of)
+    routing = [s for s in second.stages if s.stage == "routing" and s.task == "grain"]
+    to_grain, to_nut = (store.get("routing", s.digest).array("distances") for s in routing)
+    grain_changed = bool((to_nut < to_grain).any())
+    assert counts["evaluate"] == 1 + grain_changed
+    grain_evaluations = {
+        s.digest for s in second.stages if s.stage == "evaluate" and s.task == "grain"
+    }
+    assert len(grain_evaluations) == 1 + grain_changed
     # frozen features only for the new test set; grain's features are reused
     assert counts["features"] == 1
     # grain's images get distances to nut's keys; nut's images to both tasks' keys
@@ -79,34 +87,27 @@ def test_changing_one_field_recomputes_exactly_the_stages_that_read_it(
     synth_root, tmp_path, config
 ):
     store = ArtifactStore(tmp_path / "store")
-    add_task("a", "grain", synth_root, "mvtec", config, store)
-    knowledge = add_task(
-        "b", "grain", synth_root, "mvtec", config.model_copy(update={"knowledge_size": 48}), store
-    )
+    AddTask("a", "grain", synth_root, config, store).run()
+    knowledge = AddTask(
+        "b", "grain", synth_root, config.model_copy(update={"knowledge_size": 48}), store
+    ).run()
     assert computed(knowledge) == Counter(knowledge=1, calibrate=1, scores=1, evaluate=1)
-    blur = add_task(
-        "c", "grain", synth_root, "mvtec", config.model_copy(update={"blur_sigma": 2.0}), store
-    )
+    blur = AddTask(
+        "c", "grain", synth_root, config.model_copy(update={"blur_sigma": 2.0}), store
+    ).run()
     assert computed(blur) == Counter(evaluate=1)
-    epochs = add_task(
-        "d", "grain", synth_root, "mvtec", config.model_copy(update={"epochs": 2}), store
-    )
+    epochs = AddTask("d", "grain", synth_root, config.model_copy(update={"epochs": 2}), store).run()
     assert computed(epochs) == Counter(prompts=1, knowledge=1, calibrate=1, scores=1, evaluate=1)
-    runtime_only = add_task(
-        "a",
-        "grain",
-        synth_root,
-        "mvtec",
-        config.model_copy(update={"inference_batch_size": 3}),
-        store,
-    )
+    runtime_only = AddTask(
+        "a", "grain", synth_root, config.model_copy(update={"inference_batch_size": 3}), store
+    ).run()
     assert computed(runtime_only) == Counter() and not runtime_only.new_version
 
 
 def test_evaluation_cost_grows_linearly_with_the_stream(synth_root, tmp_path, config):
     """Prompted passes after each step: the new test set plus images the new class takes."""
     store = ArtifactStore(tmp_path / "store")
-    result = benchmark(synth_root, "mvtec", config, store, ["grain", "nut", "stripes"])
+    result = Replay(synth_root, config, store, tasks=tuple(["grain", "nut", "stripes"])).run()
     scored = [s for s in result.stages if s.stage == "scores" and not s.cached]
     images = sum(len(store.get("scores", s.digest).array("index")) for s in scored)
     test_images = 3 * 10  # 4 good + 6 defective per class in the fixture
@@ -116,9 +117,9 @@ def test_evaluation_cost_grows_linearly_with_the_stream(synth_root, tmp_path, co
 
 def test_other_data_or_config_for_a_known_class_is_refused(synth_root, tmp_path, config):
     store = ArtifactStore(tmp_path / "store")
-    add_task("m", "grain", synth_root, "mvtec", config, store)
+    AddTask("m", "grain", synth_root, config, store).run()
     with pytest.raises(ValueError, match="another config.*epochs"):
-        add_task("m", "nut", synth_root, "mvtec", config.model_copy(update={"epochs": 3}), store)
+        AddTask("m", "nut", synth_root, config.model_copy(update={"epochs": 3}), store).run()
     other = tmp_path / "other"
     (other / "grain").mkdir(parents=True)
     os.symlink(synth_root / "grain" / "test", other / "grain" / "test")
@@ -127,13 +128,13 @@ def test_other_data_or_config_for_a_known_class_is_refused(synth_root, tmp_path,
     for path in sorted((synth_root / "grain" / "train" / "good").iterdir())[:4]:
         os.symlink(path, other / "grain" / "train" / "good" / path.name)
     with pytest.raises(ValueError, match="already in model 'm'.*other data"):
-        add_task("m", "grain", other, "mvtec", config, store)
+        AddTask("m", "grain", other, config, store).run()
     assert store.model_versions("m") == [1]
 
 
 def test_racing_writer_gets_a_conflict_and_nothing_is_lost(synth_root, tmp_path, config):
     store = ArtifactStore(tmp_path / "store")
-    add_task("m", "grain", synth_root, "mvtec", config, store)
+    AddTask("m", "grain", synth_root, config, store).run()
     manifest = store.read_model("m", 1)
     with pytest.raises(ModelVersionConflict):
         store.write_model("m", 1, manifest)
@@ -172,28 +173,46 @@ def test_killed_run_leaves_nothing_trusted_and_the_next_run_finishes(synth_root,
 
 def test_the_same_files_elsewhere_are_the_same_class(synth_root, tmp_path, config):
     store = ArtifactStore(tmp_path / "store")
-    first = add_task("m", "grain", synth_root, "mvtec", config, store)
+    first = AddTask("m", "grain", synth_root, config, store).run()
     moved = tmp_path / "moved"
     shutil.copytree(synth_root / "grain", moved / "grain")
-    again = add_task("m", "grain", moved, "mvtec", config, store)
+    again = AddTask("m", "grain", moved, config, store).run()
     assert not again.new_version and computed(again) == Counter()
     assert store.model_versions("m") == [first.version]
 
 
-def test_an_earlier_class_whose_data_is_gone_is_left_unevaluated(
+def _selection_changed(store, result, task):
+    """Whether any test image of `task` chose another class under the latest version."""
+    routing = [s for s in result.stages if s.stage == "routing" and s.task == task]
+    own, *others = (store.get("routing", s.digest).array("distances") for s in routing)
+    return any(bool((other < own).any()) for other in others)
+
+
+def test_an_earlier_class_whose_data_is_gone_is_evaluated_from_the_store_or_left_out(
     synth_root, tmp_path, config, caplog
 ):
     store = ArtifactStore(tmp_path / "store")
     data = tmp_path / "data"
     for name in ("grain", "nut"):
         shutil.copytree(synth_root / name, data / name)
-    add_task("m", "grain", data, "mvtec", config, store)
+    AddTask("m", "grain", data, config, store).run()
     shutil.rmtree(data / "grain")  # no replay: the first class's images are gone
-    second = add_task("m", "nut", data, "mvtec", config, store)
+    second = AddTask("m", "nut", data, config, store).run()
     matrix = second.as_json()["matrix"]["image_auroc"]
     assert second.version == 2
-    assert matrix[0][0] is not None  # version 1's evaluation is in the store
-    assert matrix[1][0] is None and matrix[1][1] is not None
+    assert matrix[0][0] is not None and matrix[1][1] is not None
+    # Where no grain image changes its class, version 2's figures are made of the same stored
+    # artifacts as version 1's: reported without the images. Otherwise grain needs them: null.
+    changed = _selection_changed(store, second, "grain")
+    assert matrix[1][0] == (None if changed else matrix[0][0])
+
+    # Without its stored scores grain needs its images at every version: left out, with a warning.
+    for stage in ("scores", "evaluate"):
+        for _, digest in store.artifacts(stage):
+            if store.get(stage, digest).attrs["task"] == "grain":
+                store.remove(stage, digest)
+    again = AddTask("m", "nut", data, config, store).run()
+    assert [row[0] for row in again.as_json()["matrix"]["image_auroc"]] == [None, None]
     assert "class grain not evaluated" in caplog.text and "unknown class 'grain'" in caplog.text
 
 
@@ -202,9 +221,13 @@ def test_changed_files_are_never_evaluated_under_the_old_fingerprint(synth_root,
     data = tmp_path / "data"
     for name in ("grain", "nut"):
         shutil.copytree(synth_root / name, data / name)
-    add_task("m", "grain", data, "mvtec", config, store)
+    AddTask("m", "grain", data, config, store).run()
     good = sorted((data / "grain" / "test" / "good").iterdir())
     shutil.copy(good[1], good[0])  # same names, other content
-    second = add_task("m", "nut", data, "mvtec", config, store)
-    assert second.as_json()["matrix"]["image_auroc"][1][0] is None
+    second = AddTask("m", "nut", data, config, store).run()
+    matrix = second.as_json()["matrix"]["image_auroc"]
+    # nothing is computed from the changed files: grain's figure under version 2 is the stored
+    # one where its images' choices are unchanged, else left out
+    changed = _selection_changed(store, second, "grain")
+    assert matrix[1][0] == (None if changed else matrix[0][0])
     assert len(store.artifacts("evaluate")) == 2  # v1: grain; v2: nut only

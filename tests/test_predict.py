@@ -13,13 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
+from ucad.calibration import calibration_split, conformal_threshold
 from ucad.cli import main
 from ucad.config import load_config
-from ucad.continual import benchmark
+from ucad.continual import Replay
 from ucad.data.images import Geometry
+from ucad.data.source import TaskSource
 from ucad.data.synth import generate
 from ucad.inference import Inspector, image_frame
-from ucad.pipeline import Runtime, TaskSource, calibration_split, conformal_threshold
+from ucad.pipeline import Runtime
 from ucad.stages.features import extract_features
 from ucad.store import ArtifactStore
 
@@ -35,7 +37,7 @@ def line(tmp_path_factory) -> SimpleNamespace:
     names = generate(root / "data", classes=3, seed=0, train=TRAIN, test_good=10, test_defect=10)
     config = load_config("smoke", overrides=SMOKE)
     store = ArtifactStore(root / "store")
-    benchmark(root / "data", "mvtec", config, store, model="line")
+    Replay(root / "data", config, store, model="line").run()
     return SimpleNamespace(
         root=root, data=root / "data", store=store, classes=sorted(names), config=config
     )

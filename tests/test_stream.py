@@ -8,7 +8,7 @@ import torch
 
 from ucad.cli import main
 from ucad.config import load_config
-from ucad.continual import add_task, benchmark
+from ucad.continual import AddTask, Replay
 from ucad.data.datasets import read_task
 from ucad.data.images import Geometry, load_images
 from ucad.metrics import METRICS
@@ -48,11 +48,13 @@ def test_benchmark_json_has_every_figure(synth_root, tmp_path, capsys):
 def test_same_seed_same_figures_and_oracle_routing(synth_root, tmp_path):
     config = load_config("smoke", overrides=SMOKE)
     tasks = ["nut", "grain"]
-    first = benchmark(synth_root, "mvtec", config, ArtifactStore(tmp_path / "a"), tasks)
-    again = benchmark(synth_root, "mvtec", config, ArtifactStore(tmp_path / "b"), tasks)
+    first = Replay(synth_root, config, ArtifactStore(tmp_path / "a"), tasks=tuple(tasks)).run()
+    again = Replay(synth_root, config, ArtifactStore(tmp_path / "b"), tasks=tuple(tasks)).run()
     assert first.tasks == tasks
     assert first.as_json()["matrix"] == again.as_json()["matrix"]
-    oracle = benchmark(synth_root, "mvtec", config, ArtifactStore(tmp_path / "a"), tasks, "oracle")
+    oracle = Replay(
+        synth_root, config, ArtifactStore(tmp_path / "a"), tasks=tuple(tasks), routing="oracle"
+    ).run()
     routing = oracle.as_json()["matrix"]["routing_accuracy"]
     assert all(v == 1.0 for row in routing for v in row if v is not None)
 
@@ -62,7 +64,7 @@ def test_model_version_predicts_with_per_image_routing(synth_root, tmp_path):
     store = ArtifactStore(tmp_path / "store")
     names = ["grain", "nut"]
     for name in names:
-        add_task("line", name, synth_root, "mvtec", config, store)
+        AddTask("line", name, synth_root, config, store).run()
     model = UCAD.from_store(store, "line")
     assert model.task_names == names
     geometry = Geometry(224, 224)

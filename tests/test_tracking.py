@@ -25,7 +25,9 @@ from mlflow import MlflowClient
 import ucad
 from ucad.cli import main
 from ucad.config import load_config
-from ucad.continual import benchmark
+from ucad.continual import Replay
+from ucad.gallery import gallery
+from ucad.manifest import load_version
 from ucad.store import ArtifactStore
 from ucad.tracking import TrackingError, log_result, resolve_target
 
@@ -93,10 +95,16 @@ def tracked(data_root, tmp_path_factory):
     try:
         # the stream runs while the server starts
         store = ArtifactStore(tmp_path_factory.mktemp("tracked-store"))
-        result = benchmark(data_root, "mvtec", load_config("smoke", overrides=SMOKE), store)
+        result = Replay(data_root, load_config("smoke", overrides=SMOKE), store).run()
         uri = server.wait()
         run_id = log_result(
-            result, store, "benchmark", tracking_uri=uri, strict=True, flow_run_id=FLOW_RUN_ID
+            result,
+            store,
+            "benchmark",
+            tracking_uri=uri,
+            strict=True,
+            flow_run_id=FLOW_RUN_ID,
+            gallery=gallery(store, load_version(store, result.model)),
         )
         yield server, MlflowClient(uri), store, result, run_id
     finally:
@@ -209,8 +217,9 @@ def test_by_default_logs_to_a_database_in_the_store(tracked, data_root, monkeypa
     _, _, store, result, _ = tracked
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     shutil.rmtree(data_root / "nut" / "test")
-    with caplog.at_level(logging.WARNING, logger="ucad.tracking"):
-        run_id = log_result(result, store, "benchmark", strict=True)
+    with caplog.at_level(logging.WARNING, logger="ucad.gallery"):
+        figures = gallery(store, load_version(store, result.model))
+    run_id = log_result(result, store, "benchmark", strict=True, gallery=figures)
     assert "gallery: skipping class nut" in caplog.text
     root = Path(store.root).resolve()
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")

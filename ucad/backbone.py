@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
@@ -18,6 +19,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ucad.config import Config
+from ucad.data.images import Geometry
+from ucad.digests import file_identity
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class PromptedViT(nn.Module):
                 setattr(vit, unused, nn.Identity())
         self.requires_grad_(False)
         self.eval()
+        self.compute_dtype = torch.float32  # what forward passes autocast to (device.autocast)
 
     def train(self, mode: bool = True) -> PromptedViT:
         # The backbone is frozen: dropout and drop-path stay off even while prompts are trained.
@@ -153,10 +157,45 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
-def create_backbone(config: Config) -> PromptedViT:
-    """Build the prompted backbone the config names, with its pretrained weights."""
-    vit = _create_vit(config)
-    return PromptedViT(vit, config.feature_layer, config.prompt_mode, config.prompt_length)
+def create_backbone(config: Config, precision: torch.dtype = torch.float32) -> PromptedViT:
+    """Build the prompted backbone the config names, with its pretrained weights.
+
+    Random weights (`pretrained: false`) are drawn from `config.seed`, without touching the
+    caller's random state. `precision` is what its forward passes autocast to.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        vit = _create_vit(config)
+    backbone = PromptedViT(vit, config.feature_layer, config.prompt_mode, config.prompt_length)
+    backbone.compute_dtype = precision
+    return backbone
+
+
+def input_geometry(config: Config, backbone: PromptedViT) -> Geometry:
+    """How images become model input: the config's resize and crop, the backbone's interpolation."""
+    interpolation = backbone.interpolation
+    if interpolation not in ("bicubic", "bilinear"):
+        interpolation = "bicubic"
+    return Geometry(config.resize_to, config.image_size, interpolation)
+
+
+def backbone_identity(config: Config) -> dict[str, Any]:
+    """What the backbone's weights are, by content or by name: part of the digest of every
+    stage that runs it. A weights file enters by its content hash, hub weights by the pretrained
+    tag timm resolves the name to, random weights by their seed; the timm version always."""
+    identity: dict[str, Any] = {"timm": timm.__version__}
+    if not config.pretrained:
+        identity["random_seed"] = config.seed
+    elif config.weights_file is not None:
+        path = Path(config.weights_file).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailableError(f"{path}: backbone weights file not found (weights_file)")
+        identity["weights_sha256"] = file_identity(path)
+    else:
+        cfg = timm.models.get_pretrained_cfg(config.backbone, allow_unregistered=True)
+        source = {k: getattr(cfg, k, None) for k in ("hf_hub_id", "hf_hub_filename", "url")}
+        identity["hub"] = {"name": config.backbone, **{k: v for k, v in source.items() if v}}
+    return identity
 
 
 def _create_vit(config: Config) -> VisionTransformer:

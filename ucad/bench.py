@@ -18,7 +18,6 @@ import contextlib
 import math
 import os
 import platform
-import resource
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -33,13 +32,16 @@ from torch import Tensor
 
 from ucad import __version__, scoring
 from ucad.backbone import PromptedViT
+from ucad.calibration import calibration_split
 from ucad.config import Config, load_config
-from ucad.continual import LocalRunner, StageRunner, add_task
+from ucad.continual import AddTask, LocalRunner, StageRunner
 from ucad.data.datasets import read_task
 from ucad.data.synth import generate
 from ucad.device import autocast
-from ucad.model import TaskMemory, score_images
-from ucad.pipeline import Runtime, StageRecord, TaskSource, calibration_split
+from ucad.manifest import TaskEntry, load_version
+from ucad.memory import TaskMemory, score_images
+from ucad.pipeline import Runtime, StageRecord
+from ucad.provenance import peak_rss_bytes, reset_peak_rss
 from ucad.stages.features import extract_features
 from ucad.store import ArtifactStore
 from ucad.structure import SAM_CHECKPOINTS, SamStructure, default_cache_dir
@@ -81,7 +83,7 @@ class Meter:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.memory_kind = "CUDA allocated" if device.type == "cuda" else "process RSS"
-        if device.type != "cuda" and not _reset_rss_peak():
+        if device.type != "cuda" and not reset_peak_rss():
             self.memory_kind = "process RSS since start"
 
     @contextlib.contextmanager
@@ -91,7 +93,7 @@ class Meter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            _reset_rss_peak()
+            reset_peak_rss()
         start = time.perf_counter()
         try:
             yield reading
@@ -107,26 +109,7 @@ class Meter:
     def _peak_bytes(self) -> int | None:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
-        return _rss_peak()
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # "5": reset the peak RSS (Linux >= 4.0)
-    except OSError:
-        return False
-    return True
-
-
-def _rss_peak() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if platform.system() == "Darwin" else peak * 1024)  # bytes on macOS
+        return peak_rss_bytes()
 
 
 class MeteredRunner:
@@ -137,10 +120,10 @@ class MeteredRunner:
         self.meter = meter
         self.calls: list[tuple[str, Reading]] = []
 
-    def __call__(self, stage: str, *args: Any) -> Any:
+    def __call__(self, stage: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with self.meter.measure() as reading:
-            result = self.runner(stage, *args)
-        self.calls.append((stage, reading))
+            result = self.runner(stage, *args, **kwargs)
+        self.calls.append((stage.__name__.removeprefix("run_"), reading))
         return result
 
 
@@ -156,7 +139,7 @@ def forward_passes(
     prompts = None if prompts is None else prompts.to(device)
     for start in range(0, len(images), batch_size):
         batch = backbone.prepare(images[start : start + batch_size], device)
-        with autocast(device):
+        with autocast(device, backbone.compute_dtype):
             backbone.features(batch, prompts)
 
 
@@ -168,7 +151,7 @@ def training_passes(
     prompts = prompts.detach().to(device).clone().requires_grad_(True)
     for start in range(0, len(images), batch_size):
         batch = backbone.prepare(images[start : start + batch_size], device)
-        with autocast(device):
+        with autocast(device, backbone.compute_dtype):
             features = backbone.features(batch, prompts)
         features.float().sum().backward()
 
@@ -307,9 +290,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
             test_defect=settings.images,
         )
         config, structure_source, structure_note = _structure(settings)
-        rt = Runtime(config, ArtifactStore(root / "store"))
-        if structure_source is not None:
-            rt.structure_source = structure_source  # the Runtime would load real weights
+        rt = Runtime(config, ArtifactStore(root / "store"), structure_source)
         meter = Meter(rt.device)
         log(f"one class ({names[0]}) through the pipeline, backbone {config.backbone} ...")
         report = _measure_class(rt, meter, data, names[0])
@@ -373,17 +354,16 @@ def _measure_class(rt: Runtime, meter: Meter, data: Path, task: str) -> dict[str
     _warm_up(rt.backbone, config)
     runner = MeteredRunner(LocalRunner(rt), meter)
     with meter.measure() as first:
-        result = add_task(MODEL, task, data, FORMAT, config, rt.store, runner=runner)
-    entry = rt.store.read_model(MODEL)["tasks"][0]
-    source = TaskSource(**entry["data"])
+        result = AddTask(MODEL, task, data, config, rt.store, FORMAT).run(runner)
+    entry = load_version(rt.store, MODEL).tasks[0]
     memory = TaskMemory.load(rt.store, entry)
-    train, test = rt.train_images(source), rt.test_set(source).images
+    train, test = rt.train_images(entry.data), rt.test_set(entry.data).images
 
     stages = _learning_figures(rt, runner, train, memory)
     inference, frozen = _inference_figures(rt, meter, test, memory)
     stages += [*inference, _evaluation_figure(runner, result.stages, inference)]
     with meter.measure() as rerun:
-        again = add_task(MODEL, task, data, FORMAT, config, ArtifactStore(rt.store.root))
+        again = AddTask(MODEL, task, data, config, ArtifactStore(rt.store.root), FORMAT).run()
     return {
         "task": task,
         "images": {"train": len(train), "test": len(test)},
@@ -408,10 +388,10 @@ def _evaluation_figure(
     for record in records:
         if record.stage not in learned:  # features, routing, scores, evaluate
             parts[record.stage] = parts.get(record.stage, 0.0) + record.seconds
-    call = dict(runner.calls)["evaluation"]
+    call = dict(runner.calls)["evaluate"]
     total = inference[-1]  # its floor: a frozen and a prompted pass per test image
     return StageFigure(
-        "evaluation", total.images, call.seconds, call.peak_bytes, total.floor_seconds, parts=parts
+        "evaluate", total.images, call.seconds, call.peak_bytes, total.floor_seconds, parts=parts
     )
 
 
@@ -439,7 +419,7 @@ def _learning_figures(
     }
     figures = []
     for stage, reading in runner.calls:
-        if stage == "evaluation":
+        if stage == "evaluate":
             continue
         images, floor = floors.get(stage, (len(train), None))
         floor_seconds = None
@@ -475,7 +455,7 @@ def _inference_figures(
     with meter.measure() as floor_frozen:
         forward_passes(backbone, test, None, batch)
     with meter.measure() as scored:
-        patch, _ = score_images(backbone, test, memory, config)
+        patch, _ = score_images(backbone, test, memory.prompts, memory.knowledge, config)
     with meter.measure() as floor_prompted:
         forward_passes(backbone, test, memory.prompts, batch)
     with meter.measure() as mapped:
@@ -550,12 +530,11 @@ def _scaling(
     return rows
 
 
-def _memory_bytes(store: ArtifactStore, entry: dict[str, Any]) -> dict[str, int]:
-    """Bytes on disk of the artifacts a model keeps per class (store layout: see ucad.store)."""
+def _memory_bytes(store: ArtifactStore, entry: TaskEntry) -> dict[str, int]:
+    """Bytes on disk of the artifacts a model keeps per class."""
     sizes = {}
     for stage in MEMORY_STAGES:
-        folder = Path(store.root) / "stages" / stage / f"{entry[stage]}.zarr"
-        sizes[stage] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        sizes[stage] = store.get(stage, getattr(entry, stage)).stored_bytes
     sizes["total"] = sum(sizes.values())
     return sizes
 
@@ -576,7 +555,7 @@ def _measure_stream(
     for step, name in enumerate(names, start=1):
         runner.calls.clear()
         with meter.measure() as wall:
-            result = add_task("stream", name, data, FORMAT, config, store, runner=runner)
+            result = AddTask("stream", name, data, config, store, FORMAT).run(runner)
         test_images += len(read_task(data, name, FORMAT).test)
         computed = [r for r in result.stages if not r.cached]
         steps.append(
@@ -584,8 +563,8 @@ def _measure_stream(
                 "step": step,
                 "task": name,
                 "seconds": wall.seconds,
-                "learn_seconds": sum(r.seconds for s, r in runner.calls if s != "evaluation"),
-                "evaluate_seconds": sum(r.seconds for s, r in runner.calls if s == "evaluation"),
+                "learn_seconds": sum(r.seconds for s, r in runner.calls if s != "evaluate"),
+                "evaluate_seconds": sum(r.seconds for s, r in runner.calls if s == "evaluate"),
                 "frozen_passes": _rows(store, computed, "features", "features"),
                 "prompted_passes": _rows(store, computed, "scores", "index"),
                 "reextract_passes": 2 * test_images,
@@ -596,9 +575,7 @@ def _measure_stream(
 
 def _rows(store: ArtifactStore, records: list[StageRecord], stage: str, array: str) -> int:
     """Images covered by the computed artifacts of one stage (array shapes; no data is read)."""
-    return sum(
-        store.get(stage, r.digest).group[array].shape[0] for r in records if r.stage == stage
-    )
+    return sum(store.get(stage, r.digest).shape(array)[0] for r in records if r.stage == stage)
 
 
 def _targets(report: dict[str, Any], config: Config) -> list[Target]:
@@ -648,158 +625,3 @@ def _cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-# Report ------------------------------------------------------------------------------------------
-
-STAGE_LABELS = {
-    "structure": "structure maps",
-    "prompts": "prompt training, 1 epoch",
-    "calibrate": "calibration",
-    "anomaly_maps": "anomaly maps",
-    "inference": "inference = routing+scoring+maps",
-    "evaluation": "evaluation, cached pipeline",
-}
-FLOOR_LEGEND = (
-    "floor: keys, routing: frozen passes; knowledge, calibration, scoring: prompted passes; "
-    "prompt training: prompted forward+backward; inference, evaluation: frozen + prompted passes"
-)
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The report as text: the tables and every target, missed ones marked MISSED."""
-    return "\n\n".join(
-        [
-            _header(report),
-            _stage_table(report),
-            _storage_lines(report),
-            _scaling_table(report),
-            _stream_table(report),
-            _target_lines(report),
-        ]
-    )
-
-
-def _header(report: dict[str, Any]) -> str:
-    settings, host = report["settings"], report["machine"]
-    config = settings["config"]
-    device = host["gpu"] or f"{host['cpu']}, {host['cores']} cores"
-    return "\n".join(
-        [
-            f"ucad bench {host['ucad']}: {config['backbone']} ({settings['weights']}), "
-            f"blocks 0..{config['feature_layer']}, {config['image_size']} px",
-            f"machine: {device}; device {host['device']}, torch {host['torch']} "
-            f"({host['torch_threads']} threads)",
-            f"data: synthetic, {settings['images']} training images per class, "
-            f"{report['images']['test']} test images; structure maps: {settings['structure']}",
-            f"batch sizes: training {config['batch_size']}, inference "
-            f"{config['inference_batch_size']}; peak memory: {settings['memory_kind']}",
-        ]
-    )
-
-
-def _stage_table(report: dict[str, Any]) -> str:
-    lines = [
-        f"{'stage (one class)':<33}{'images':>7}{'seconds':>9}{'img/s':>8}{'peak MB':>9}"
-        f"{'floor s':>9}{'ratio':>7}  target"
-    ]
-    for row in report["stages"]:
-        floor = "-" if row["floor_seconds"] is None else f"{row['floor_seconds']:.2f}"
-        ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}"
-        rate = row["images_per_second"]
-        target = ""
-        if row["target"] is not None:
-            target = f"<= {row['target']:.1f}" + ("" if row["met"] else "  MISSED")
-        lines.append(
-            f"{STAGE_LABELS.get(row['stage'], row['stage']):<33}{row['images']:>7}"
-            f"{row['seconds']:>9.2f}{'-' if rate is None else f'{rate:.1f}':>8}"
-            f"{_megabytes(row['peak_bytes']):>9}{floor:>9}{ratio:>7}  {target}".rstrip()
-        )
-    return "\n".join([*lines, FLOOR_LEGEND])
-
-
-def _megabytes(value: int | None) -> str:
-    return "-" if value is None else f"{value / 1e6:.0f}"
-
-
-def _storage_lines(report: dict[str, Any]) -> str:
-    stored, rerun = report["bytes_per_class"], report["rerun"]
-    parts = ", ".join(f"{stage} {stored[stage] / 1e3:.1f} kB" for stage in MEMORY_STAGES)
-    return "\n".join(
-        [
-            f"stored per class: {parts}; total {stored['total'] / 1e6:.3f} MB",
-            f"identical rerun: {rerun['rerun_seconds']:.2f} s = {100 * rerun['fraction']:.2f}% "
-            f"of the first run ({rerun['first_seconds']:.1f} s); "
-            f"{rerun['computed_stages']} stages computed",
-        ]
-    )
-
-
-def _scaling_table(report: dict[str, Any]) -> str:
-    rows = report["scaling"]
-    columns = "".join(f"{row['classes']:>10}" for row in rows)
-    lines = [f"{'per test image, classes in model:':<40}{columns}"]
-    for key, label in (
-        ("routing_ms_per_image", "routing ms (frozen pass + key search)"),
-        ("key_search_ms_per_image", "key search ms"),
-        ("scoring_ms_per_image", "scoring ms"),
-        ("inference_ms_per_image", "inference ms"),
-    ):
-        lines.append(f"{label:<40}" + "".join(f"{row[key]:>10.1f}" for row in rows))
-    lines.append(
-        f"{'key search share of inference':<40}"
-        + "".join(f"{100 * row['key_search_share']:>9.1f}%" for row in rows)
-    )
-    lines.append(
-        "extra classes are synthetic (the class's keys plus noise); scoring is one prompted "
-        "pass per image under its selected class, whatever the class count"
-    )
-    return "\n".join(lines)
-
-
-def _stream_table(report: dict[str, Any]) -> str:
-    stream = report["stream"]
-    steps = stream["steps"]
-    lines = [
-        f"stream of {len(steps)} classes, backbone {stream['backbone']} (random weights; "
-        "counting passes needs no big model)",
-        f"{'step':>4}  {'class':<10}{'learn s':>9}{'evaluate s':>12}{'frozen':>8}{'prompted':>10}"
-        f"{'re-extract all':>16}",
-    ]
-    for step in steps:
-        lines.append(
-            f"{step['step']:>4}  {step['task']:<10}{step['learn_seconds']:>9.2f}"
-            f"{step['evaluate_seconds']:>12.2f}{step['frozen_passes']:>8}"
-            f"{step['prompted_passes']:>10}{step['reextract_passes']:>16}"
-        )
-    total = {
-        key: sum(step[key] for step in steps)
-        for key in ("frozen_passes", "prompted_passes", "reextract_passes")
-    }
-    lines.append(
-        f"evaluation forward passes over the stream: {total['frozen_passes']} frozen + "
-        f"{total['prompted_passes']} prompted; re-extracting everything: "
-        f"{total['reextract_passes']}"
-    )
-    first, last = steps[0], steps[-1]
-    lines.append(
-        f"add-task, class 1: learn {first['learn_seconds']:.2f} s + evaluate "
-        f"{first['evaluate_seconds']:.2f} s; class {last['step']}: learn "
-        f"{last['learn_seconds']:.2f} s + evaluate {last['evaluate_seconds']:.2f} s"
-    )
-    return "\n".join(lines)
-
-
-def _target_lines(report: dict[str, Any]) -> str:
-    lines = ["targets"]
-    for target in report["targets"]:
-        if target["met"] is None:
-            verdict = f"n/a ({target['why_not']})" if target["why_not"] else "n/a"
-        else:
-            verdict = "met" if target["met"] else "MISSED"
-        value = target["value"]
-        shown = "-" if value is None else f"{value:.3g}"
-        lines.append(f"  {target['name']:<42}{shown:>10}  <= {target['limit']:<8g}{verdict}")
-    missed = [t["name"] for t in report["targets"] if t["met"] is False]
-    lines.append(f"MISSED: {', '.join(missed)}" if missed else "every target met")
-    return "\n".join(lines)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -15,10 +16,11 @@ from typing import Any
 import yaml
 
 from ucad.config import PRESETS, load_config
+from ucad.data.datasets import FORMATS
 
 log = logging.getLogger("ucad")
 
-FORMATS = ("mvtec", "visa", "folder")
+ROUTINGS = ("agnostic", "oracle")  # ucad.stages.evaluate.ROUTINGS, without importing torch
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -44,11 +46,23 @@ def _config_from(args: argparse.Namespace):
     return load_config(args.preset, args.config, _parse_set(args.set))
 
 
+def json_ready(value: Any) -> Any:
+    """`value` with every non-finite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Write through a temporary sibling so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    # JSON has no NaN or infinity: undefined figures are null
+    tmp.write_text(json.dumps(json_ready(data), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -75,55 +89,120 @@ def _report(result, json_path: Path | None) -> None:
         print(f"wrote {json_path}")
 
 
-def _track(args: argparse.Namespace, result, store, kind: str, started: float) -> None:
-    """Log the finished run to MLflow; a failure is a warning unless --strict-tracking."""
-    if args.no_tracking:
-        return
-    from ucad.tracking import log_result
+def _run(args: argparse.Namespace, request, kind: str) -> None:
+    """Run a request, report it, and record it in MLflow (a failure is a warning unless
+    --strict-tracking)."""
+    from ucad.runs import track
 
-    log_result(result, store, kind, strict=args.strict_tracking, started=started)
+    log.info("config: %s", request.config.model_dump_json())
+    started = time.time()
+    result = request.run()
+    _report(result, args.json)
+    if not args.no_tracking:
+        track(result, request.store, kind, strict=args.strict_tracking, started=started)
 
 
 def cmd_add_task(args: argparse.Namespace) -> None:
-    from ucad.continual import add_task
+    from ucad.continual import AddTask
 
-    config = _config_from(args)
-    log.info("config: %s", config.model_dump_json())
-    store = _store(args)
-    started = time.time()
-    result = add_task(args.model, args.task, args.data, args.format, config, store, args.routing)
-    _report(result, args.json)
-    _track(args, result, store, "add-task", started)
+    request = AddTask(
+        model=args.model,
+        task=args.task,
+        data=args.data,
+        config=_config_from(args),
+        store=_store(args),
+        format=args.format,
+        routing=args.routing,
+    )
+    _run(args, request, "add-task")
 
 
 def cmd_benchmark(args: argparse.Namespace) -> None:
-    from ucad.continual import benchmark
+    from ucad.continual import Replay
 
-    config = _config_from(args)
-    log.info("config: %s", config.model_dump_json())
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    store = _store(args)
-    started = time.time()
-    result = benchmark(args.data, args.format, config, store, tasks, args.routing, args.model)
-    _report(result, args.json)
-    _track(args, result, store, "benchmark", started)
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip()) if args.tasks else None
+    request = Replay(
+        data=args.data,
+        config=_config_from(args),
+        store=_store(args),
+        format=args.format,
+        tasks=tasks,
+        model=args.model,
+        routing=args.routing,
+    )
+    _run(args, request, "benchmark")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
+    from ucad.manifest import ManifestError, load_version
+
     store = _store(args)
     names = store.models()
     if not names:
         print(f"no models in {store.root}")
     for name in names:
         print(name)
-        for version in store.model_versions(name):
-            manifest = store.read_model(name, version)
-            tasks = ", ".join(t["name"] for t in manifest["tasks"])
-            print(f"  v{version}  {manifest.get('created_utc', '')}  {tasks}")
+        for number in store.model_versions(name):
+            try:
+                version = load_version(store, name, number)
+            except ManifestError as err:
+                print(f"  v{number}  DAMAGED: {err}")
+                continue
+            config = version.config
+            print(
+                f"  v{number}  {version.created_utc}  {config.backbone}, {config.structure}, "
+                f"{config.epochs} epochs, seed {config.seed}: {', '.join(version.task_names)}"
+            )
+
+
+def cmd_models_rm(args: argparse.Namespace) -> None:
+    store = _store(args)
+    versions = store.remove_model(args.name)
+    print(
+        f"removed model {args.name} ({len(versions)} version(s)); its stage artifacts stay "
+        "until `ucad store prune --unreferenced`"
+    )
+
+
+def cmd_store_verify(args: argparse.Namespace) -> None:
+    from ucad.verify import repair, verify_store
+
+    store = _store(args)
+    problems = verify_store(store, args.model)
+    scope = f"model {args.model}" if args.model else f"store {store.root}"
+    if not problems:
+        print(f"{scope}: every artifact and model version verified")
+        return
+    for problem in problems:
+        print(f"DAMAGED  {problem}")
+    if args.repair:
+        moved = repair(store, problems)
+        print(
+            f"moved {len(moved)} damaged artifact(s) aside (under damaged/); the next run that "
+            "needs them computes them again. Damaged model manifests must be fixed or removed "
+            "by hand (ucad models rm)."
+        )
+    raise VerificationFailed(f"{scope}: {len(problems)} problem(s) found")
+
+
+def cmd_store_prune(args: argparse.Namespace) -> None:
+    from ucad.verify import prune
+
+    store = _store(args)
+    removed = prune(store, args.older_than * 3600, args.unreferenced, args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for path in removed:
+        print(f"{verb}  {path}")
+    print(f"{verb} {len(removed)} item(s) from {store.root}")
+
+
+class VerificationFailed(RuntimeError):
+    """`store verify` found damage: exit 1 after the list."""
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from ucad.bench import bench_settings, format_report, run_bench
+    from ucad.bench import bench_settings, run_bench
+    from ucad.bench_report import format_report
 
     settings = bench_settings(
         args.preset,
@@ -200,7 +279,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     _add_config_args(parser)
     parser.add_argument(
         "--routing",
-        choices=("agnostic", "oracle"),
+        choices=ROUTINGS,
         default="agnostic",
         help="agnostic: each image selects its class by its keys (default); "
         "oracle: the true class (diagnostic, as the published numbers were made)",
@@ -313,13 +392,64 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list models, their versions and classes")
     _add_store_arg(models)
     models.set_defaults(run=cmd_models)
+    model_commands = models.add_subparsers(dest="models_command", metavar="COMMAND")
+    remove = model_commands.add_parser("rm", help="remove every version of a model")
+    remove.add_argument("name", help="model name")
+    _add_store_arg(remove)
+    remove.set_defaults(run=cmd_models_rm)
+
+    store = commands.add_parser("store", help="check and clean the artifact store")
+    store_commands = store.add_subparsers(dest="store_command", required=True, metavar="COMMAND")
+    verify = store_commands.add_parser(
+        "verify", help="check every artifact and model version; exit 1 if any is damaged"
+    )
+    verify.add_argument("--model", help="only this model and the artifacts it names")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="move damaged artifacts aside; the next run that needs them computes them again",
+    )
+    _add_store_arg(verify)
+    verify.set_defaults(run=cmd_store_verify)
+    prune = store_commands.add_parser(
+        "prune", help="remove what killed runs left behind (and, on request, unused artifacts)"
+    )
+    prune.add_argument(
+        "--older-than",
+        type=float,
+        default=24.0,
+        metavar="HOURS",
+        help="temporaries of writers on other hosts are removed after this age (default 24); "
+        "on this host, as soon as their writer process is gone",
+    )
+    prune.add_argument(
+        "--unreferenced",
+        action="store_true",
+        help="also remove stage artifacts that no model version names or could evaluate with",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="list, remove nothing")
+    _add_store_arg(prune)
+    prune.set_defaults(run=cmd_store_prune)
     return parser
+
+
+# Libraries that log INFO through handlers of their own, past the root logger's level.
+NOISY_LOGGERS = ("mlflow", "alembic", "prefect", "httpx", "distributed", "urllib3")
+
+
+def quiet_libraries() -> None:
+    """Warnings and errors only, from every library too (-q)."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when MLflow is imported
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.quiet:
+        quiet_libraries()
     try:
         args.run(args)
     except (ValueError, OSError, RuntimeError) as err:

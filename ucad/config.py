@@ -85,6 +85,11 @@ class Config(BaseModel):
     # Run.
     seed: int = 0
     device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto",
+        description="What the backbone and SAM compute in. auto: bf16 on CUDA and on CPUs with "
+        "native bf16 (AVX512-BF16, AMX), float32 elsewhere. Distances and losses stay float32.",
+    )
     inference_batch_size: int = Field(default=32, ge=1)
     workers: int = Field(default=4, ge=1, description="Threads for image decoding.")
     tracking_uri: str | None = Field(
@@ -135,6 +140,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "pretrained": False,
         "structure": "superpixel",
         "epochs": 2,
+        # the same figures on every machine: no bf16 where a CPU happens to have it
+        "precision": "fp32",
     },
 }
 

@@ -1,7 +1,16 @@
-"""Add a class to a model, or replay a whole stream, through the cached pipeline.
+"""The two requests of continual learning: add a class to a model, or replay a whole stream.
 
-This is the body of the Prefect flow `ucad` and of the `ucad add-task` / `ucad benchmark`
-commands. Stages run through a `StageRunner`: directly here, as Prefect tasks in `flows/`.
+`AddTask(...).run()` and `Replay(...).run()` are what the `ucad` command and both Prefect flows
+construct and call. Stages run through a `StageRunner`: directly in this process by default, as
+Prefect tasks from `flows/`. Data flow of one add-task (README, "How the code is laid out"):
+
+    request -> head version (validated, its artifacts checked) -> TaskSource of the class
+    -> structure, keys -> prompts -> knowledge -> calibrate      (ucad/stages/, cached by digest)
+    -> the next ModelVersion, in memory
+    -> evaluate every class of every version                    (features, routing, scores)
+    -> the new version written (manifest.append_version): last, so a run that fails or is
+       killed before it leaves no version behind
+    -> RunResult (results matrix, stage records)
 """
 
 from __future__ import annotations
@@ -9,36 +18,40 @@ from __future__ import annotations
 import logging
 import platform
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import torch
 
 from ucad import __version__
+from ucad.calibration import calibration_split
 from ucad.config import Config
-from ucad.data.datasets import TaskData, list_tasks, read_task
+from ucad.data.datasets import DatasetFormat, TaskData, list_tasks, read_task
 from ucad.data.images import MIN_SIZE, Geometry, load_images, load_test_set
-from ucad.metrics import METRICS, ResultsMatrix
-from ucad.pipeline import (
-    DataUnavailableError,
-    Runtime,
-    StageRecord,
-    TaskSource,
-    calibration_split,
-    run_calibrate,
-    run_evaluate,
-    run_keys,
-    run_knowledge,
-    run_prompts,
-    run_structure,
+from ucad.data.source import DataUnavailableError, TaskSource
+from ucad.manifest import (
+    ModelVersion,
+    TaskEntry,
+    append_version,
+    head_version,
+    load_version,
+    next_version,
 )
+from ucad.metrics import METRICS, ResultsMatrix
+from ucad.pipeline import Runtime, StageRecord
+from ucad.stages.calibrate import run_calibrate
+from ucad.stages.evaluate import ROUTINGS, Routing, run_evaluate
+from ucad.stages.keys import run_keys
+from ucad.stages.knowledge import run_knowledge
+from ucad.stages.prompts import run_prompts
+from ucad.stages.structure import run_structure
 from ucad.store import ArtifactStore, validate_name
+from ucad.verify import check_version
 
 log = logging.getLogger(__name__)
 
-ROUTINGS = ("agnostic", "oracle")
 # Fields that change how fast a run is, not what it computes: a model may be extended with others.
 RUNTIME_FIELDS = (
     "device",
@@ -50,22 +63,16 @@ RUNTIME_FIELDS = (
     "tracking_uri",
 )
 
+P = ParamSpec("P")
+R = TypeVar("R")
+
 
 class StageRunner(Protocol):
-    """Runs one named stage: `structure`, `keys`, `prompts`, `knowledge`, `calibrate` or
-    `evaluation`."""
+    """Runs one stage function (`ucad.stages.*.run_*`) with its arguments after the Runtime."""
 
-    def __call__(self, stage: str, *args: Any) -> Any: ...
-
-
-STAGES: dict[str, Callable[..., Any]] = {
-    "structure": run_structure,
-    "keys": run_keys,
-    "prompts": run_prompts,
-    "knowledge": run_knowledge,
-    "calibrate": run_calibrate,
-    "evaluation": run_evaluate,
-}
+    def __call__(
+        self, stage: Callable[Concatenate[Runtime, P], R], *args: P.args, **kwargs: P.kwargs
+    ) -> R: ...
 
 
 class LocalRunner:
@@ -74,8 +81,10 @@ class LocalRunner:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    def __call__(self, stage: str, *args: Any) -> Any:
-        return STAGES[stage](self.rt, *args)
+    def __call__(
+        self, stage: Callable[Concatenate[Runtime, P], R], *args: P.args, **kwargs: P.kwargs
+    ) -> R:
+        return stage(self.rt, *args, **kwargs)
 
 
 @dataclass
@@ -85,11 +94,15 @@ class RunResult:
     model: str
     version: int
     tasks: list[str]
-    routing: str
+    routing: Routing
     config: Config
     results: ResultsMatrix
     stages: list[StageRecord] = field(default_factory=list)
     new_version: bool = True
+
+    @property
+    def computed(self) -> int:
+        return sum(not record.cached for record in self.stages)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -102,83 +115,168 @@ class RunResult:
             "seed": self.config.seed,
             "config": self.config.model_dump(mode="json"),
             "stages": [record.as_json() for record in self.stages],
-            "versions": {
-                "ucad": __version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-            },
+            "versions": library_versions(),
         }
 
 
-def add_task(
-    model: str,
-    task: str,
-    data: str | Path,
-    data_format: str,
-    config: Config,
-    store: ArtifactStore,
-    routing: str = "agnostic",
-    runner: StageRunner | None = None,
-    check_files: bool = True,
-) -> RunResult:
-    """Learn one class into `model` (created if new), then evaluate every class it knows.
+def library_versions() -> dict[str, str]:
+    """The versions every run records (JSON, MLflow, the benchmark report)."""
+    return {"ucad": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
-    An identical request is a no-op: every stage is found cached and no version is written.
+
+@dataclass(frozen=True)
+class AddTask:
+    """Learn class `task` of the dataset at `data` into `model` (created if new), then evaluate
+    every class of every version. An identical request computes nothing and writes nothing."""
+
+    model: str
+    task: str
+    data: str | Path
+    config: Config
+    store: ArtifactStore
+    format: DatasetFormat = "mvtec"
+    routing: Routing = "agnostic"
+
+    def run(self, runner: StageRunner | None = None) -> RunResult:
+        runner = runner or LocalRunner(Runtime(self.config, self.store))
+        version, records, new = learn(self, runner, check_files=True)
+        rows, evaluations = evaluate_history(self.store, self.model, version, self.routing, runner)
+        if new:
+            written = publish(self, version)
+            if written.version != version.version:  # another run added a class meanwhile
+                rows, more = evaluate_history(self.store, self.model, written, self.routing, runner)
+                evaluations += more
+            version = written
+        return _result(self, version, rows, records + evaluations, new)
+
+
+@dataclass(frozen=True)
+class Replay:
+    """Learn a stream of classes in order into a fresh model, evaluating after each one."""
+
+    data: str | Path
+    config: Config
+    store: ArtifactStore
+    format: DatasetFormat = "mvtec"
+    tasks: tuple[str, ...] | None = None  # None: every class of the dataset, alphabetically
+    model: str | None = None  # None: benchmark-<UTC time>
+    routing: Routing = "agnostic"
+
+    def run(self, runner: StageRunner | None = None) -> RunResult:
+        order = resolve_tasks(self.data, self.format, self.tasks)
+        model = self.model or f"benchmark-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+        if self.store.model_versions(validate_name(model, "model name")):
+            raise ValueError(
+                f"model {model!r} exists already in {self.store.root!r}; a benchmark starts fresh"
+            )
+        for name in order:  # a broken file in a late class must stop the stream before it starts
+            check_task_files(read_task(self.data, name, self.format), self.config)
+        runner = runner or LocalRunner(Runtime(self.config, self.store))
+        log.info("stream of %d classes into model %s: %s", len(order), model, ", ".join(order))
+        results = ResultsMatrix(len(order), METRICS)
+        records: list[StageRecord] = []
+        for name in order:
+            step = AddTask(model, name, self.data, self.config, self.store, self.format)
+            version, learned, _ = learn(step, runner, check_files=False)
+            row = evaluate_version(version, self.routing, runner)
+            version = publish(step, version)  # a fresh model: no other run writes to it
+            results.set_row(version.version - 1, row.metrics)
+            records += learned + row.records
+        return _result(self, version, results, records, True)
+
+
+@dataclass(frozen=True)
+class Row:
+    """Row v-1 of the results matrix: every class of version v, evaluated."""
+
+    metrics: dict[int, dict[str, float]]
+    records: list[StageRecord]
+
+
+def learn(
+    request: AddTask, runner: StageRunner, check_files: bool
+) -> tuple[ModelVersion, list[StageRecord], bool]:
+    """Run the class's stages and make the version that adds it (unless it is there already).
+
+    Returns the version that holds the class (a new one is not written yet: `publish`), the
+    stage records, and whether it is new.
     `check_files=False` skips `check_task_files` for a caller that has just run it.
     """
+    store, model, task = request.store, request.model, request.task
     validate_name(model, "model name")
-    if routing not in ROUTINGS:
-        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
-    runner = runner or LocalRunner(Runtime(config, store))
-    head = _head(store, model)
+    if request.routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {request.routing!r}")
+    head = head_version(store, model)
+    restored: list[StageRecord] = []
     if head is not None:
-        _check_same_config(model, head, config)
-    task_data = read_task(data, task, data_format)
-    source = TaskSource.from_data(str(data), data_format, task_data)
-    known = {t["name"]: t for t in head["tasks"]} if head else {}
-    if task in known and not _same_data(known[task]["data"], source):
+        check_same_config(head, request.config)
+        check_version(store, head)  # never build a version on a damaged one
+        restored = restore(head, runner, store)
+    task_data = read_task(request.data, task, request.format)
+    source = TaskSource.from_data(request.data, request.format, task_data)
+    known = head.find(task) if head else None
+    if known is not None and not known.data.same_content(source):
         raise ValueError(
-            f"class {task!r} is already in model {model!r} (version {head['version']}) with "
-            f"other data: it was learned from {known[task]['data']['root']} "
-            f"(train {known[task]['data']['train'][:12]}), this request has {source.root} "
-            f"(train {source.train[:12]}); use another model name for a different data set"
+            f"class {task!r} is already in model {model!r} (version {head.version}) with "
+            f"other data: it was learned from {known.data.root} (train {known.data.train[:12]}), "
+            f"this request has {source.root} (train {source.train[:12]}); use another model "
+            "name for a different data set"
         )
-    if task not in known and check_files:
-        check_task_files(task_data, config)
+    if known is None and check_files:
+        check_task_files(task_data, request.config)
 
-    records = [runner("structure", source), runner("keys", source)]
-    records.append(runner("prompts", source, records[0].digest))
-    records.append(runner("knowledge", source, records[2].digest))
-    memory = {"name": task, **{record.stage: record.digest for record in records}}
-    records.append(runner("calibrate", source, memory))
-    entry = {
-        "name": task,
-        "data": asdict(source),
-        **{record.stage: record.digest for record in records},
-        "threshold": store.get("calibrate", records[-1].digest).attrs["threshold"],
-    }
-    if task in known:
-        version, new_version = head["version"], False
-        log.info("class %s is already in model %s version %d: nothing to add", task, model, version)
-    else:
-        version = store.append_model(
-            model, lambda previous: _next_manifest(model, previous, entry, config)
-        )
-        new_version = True
-        log.info(
-            "model %s version %d: %s", model, version, ", ".join(_task_names(store, model, version))
-        )
-    results, evaluations = evaluate_history(store, model, version, routing, runner)
-    return RunResult(
-        model,
-        version,
-        _task_names(store, model, version),
-        routing,
-        config,
-        results,
-        records + evaluations,
-        new_version,
+    own = learn_class(source, runner)
+    if known is not None:
+        log.info("class %s is already in model %s version %d", task, model, head.version)
+        return head, restored + own, False
+    entry = TaskEntry(
+        name=task,
+        data=source,
+        **{record.stage: record.digest for record in own},
+        threshold=store.get("calibrate", own[-1].digest).attrs["threshold"],
     )
+    return next_version(model, head, entry, request.config), restored + own, True
+
+
+def publish(request: AddTask, version: ModelVersion) -> ModelVersion:
+    """Write the new version that adds the request's class (on the head of the moment)."""
+    written = append_version(request.store, request.model, version.tasks[-1], request.config)
+    log.info(
+        "model %s version %d: %s", written.model, written.version, ", ".join(written.task_names)
+    )
+    return written
+
+
+def learn_class(source: TaskSource, runner: StageRunner) -> list[StageRecord]:
+    """The stages of one class, in order: structure, keys, prompts, knowledge, calibrate."""
+    structure = runner(run_structure, source)
+    keys = runner(run_keys, source)
+    prompts = runner(run_prompts, source, structure.digest)
+    knowledge = runner(run_knowledge, source, prompts.digest)
+    calibrate = runner(run_calibrate, source, prompts.digest, knowledge.digest)
+    return [structure, keys, prompts, knowledge, calibrate]
+
+
+def restore(version: ModelVersion, runner: StageRunner, store: ArtifactStore) -> list[StageRecord]:
+    """Compute again the class artifacts of `version` that are missing (moved aside by
+    `ucad store verify --repair`, or deleted), from the classes' recorded data."""
+    records: list[StageRecord] = []
+    for task in version.tasks:
+        if all(store.has(stage, digest) for stage, digest in task.digests().items()):
+            continue
+        log.info("model %s: restoring the missing artifacts of class %s", version.ref, task.name)
+        learned = learn_class(task.data, runner)
+        records += learned
+        for record in learned:
+            expected = getattr(task, record.stage)
+            if record.digest != expected:
+                raise ValueError(
+                    f"{store.model_location(version.model, version.version)}: class "
+                    f"{task.name!r}: its {record.stage} artifact {expected} is missing, and "
+                    f"computing it again here gives {record.digest} (another ucad version, "
+                    "precision or backbone weights?): it cannot be restored here"
+                )
+    return records
 
 
 def check_task_files(data: TaskData, config: Config) -> None:
@@ -197,67 +295,39 @@ def check_task_files(data: TaskData, config: Config) -> None:
     load_test_set(data.test, probe, config.workers)
 
 
-def evaluate_history(
-    store: ArtifactStore, model: str, version: int, routing: str, runner: StageRunner
-) -> tuple[ResultsMatrix, list[StageRecord]]:
-    """Results matrix of versions 1..`version`: row v-1 evaluates every class of version v."""
-    results = ResultsMatrix(version, METRICS)
+def evaluate_version(version: ModelVersion, routing: Routing, runner: StageRunner) -> Row:
+    """Evaluate every class of one version (a row of the results matrix)."""
+    metrics: dict[int, dict[str, float]] = {}
     records: list[StageRecord] = []
-    for v in range(1, version + 1):
-        tasks = store.read_model(model, v)["tasks"]
-        for j in range(len(tasks)):
-            try:
-                stage_records, metrics = runner("evaluation", tasks, j, routing)
-            except DataUnavailableError as err:
-                # earlier classes' images may be gone: their entries stay empty (null)
-                log.warning("version %d, class %s not evaluated: %s", v, tasks[j]["name"], err)
-                continue
-            records.extend(stage_records)
-            results.set(len(tasks) - 1, j, metrics)
+    for j, task in enumerate(version.tasks):
+        try:
+            evaluation = runner(run_evaluate, version, j, routing)
+        except DataUnavailableError as err:
+            # earlier classes' images may be gone: their entries stay empty (null)
+            log.warning("version %d, class %s not evaluated: %s", version.version, task.name, err)
+            continue
+        metrics[j] = evaluation.metrics
+        records += evaluation.records
+    return Row(metrics, records)
+
+
+def evaluate_history(
+    store: ArtifactStore, model: str, head: ModelVersion, routing: Routing, runner: StageRunner
+) -> tuple[ResultsMatrix, list[StageRecord]]:
+    """Results matrix of versions 1..head: row v-1 evaluates every class of version v."""
+    results = ResultsMatrix(head.version, METRICS)
+    records: list[StageRecord] = []
+    for v in range(1, head.version + 1):
+        version = head if v == head.version else load_version(store, model, v)
+        row = evaluate_version(version, routing, runner)
+        results.set_row(v - 1, row.metrics)
+        records += row.records
     return results, records
 
 
-def benchmark(
-    data: str | Path,
-    data_format: str,
-    config: Config,
-    store: ArtifactStore,
-    tasks: list[str] | None = None,
-    routing: str = "agnostic",
-    model: str | None = None,
-    runner: StageRunner | None = None,
-) -> RunResult:
-    """Replay a whole stream into a fresh model: learn classes in order, evaluating after each."""
-    order = resolve_tasks(data, data_format, tasks)
-    model = model or f"benchmark-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    if store.model_versions(validate_name(model, "model name")):
-        raise ValueError(
-            f"model {model!r} exists already in {store.root!r}; a benchmark starts fresh"
-        )
-    for name in order:  # a broken file in a late class must stop the stream before it starts
-        check_task_files(read_task(data, name, data_format), config)
-    runner = runner or LocalRunner(Runtime(config, store))
-    log.info(
-        "stream of %d classes into model %s, order: %s; seed %d",
-        len(order),
-        model,
-        ", ".join(order),
-        config.seed,
-    )
-    stages: list[StageRecord] = []
-    seen: set[tuple[str, str]] = set()
-    for name in order:
-        result = add_task(
-            model, name, data, data_format, config, store, routing, runner, check_files=False
-        )
-        # later steps look earlier versions' evaluations up again: list each artifact once
-        stages += [r for r in result.stages if (r.stage, r.digest) not in seen]
-        seen.update((r.stage, r.digest) for r in result.stages)
-    result.stages = stages
-    return result
-
-
-def resolve_tasks(root: str | Path, data_format: str, tasks: list[str] | None) -> list[str]:
+def resolve_tasks(
+    root: str | Path, data_format: DatasetFormat, tasks: tuple[str, ...] | list[str] | None
+) -> list[str]:
     """The explicit class order, or all classes of the dataset in alphabetical order."""
     if tasks:
         if len(set(tasks)) != len(tasks):
@@ -266,51 +336,47 @@ def resolve_tasks(root: str | Path, data_format: str, tasks: list[str] | None) -
     return list_tasks(root, data_format)
 
 
-def _same_data(recorded: dict[str, Any], source: TaskSource) -> bool:
-    """Same files by content; where the dataset lives may have changed."""
-    return all(recorded[k] == getattr(source, k) for k in ("format", "train", "test"))
+def result_fields(config: Config) -> dict[str, Any]:
+    """The config fields that decide what a model computes (all but RUNTIME_FIELDS)."""
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
 
 
-def _head(store: ArtifactStore, model: str) -> dict[str, Any] | None:
-    return store.read_model(model) if store.model_versions(model) else None
-
-
-def _task_names(store: ArtifactStore, model: str, version: int) -> list[str]:
-    return [t["name"] for t in store.read_model(model, version)["tasks"]]
-
-
-def _result_fields(config: Config | dict[str, Any]) -> dict[str, Any]:
-    data = config if isinstance(config, dict) else config.model_dump(mode="json")
-    return {k: v for k, v in data.items() if k not in RUNTIME_FIELDS}
-
-
-def _check_same_config(model: str, head: dict[str, Any], config: Config) -> None:
-    theirs, ours = _result_fields(head["config"]), _result_fields(config)
+def check_same_config(head: ModelVersion, config: Config) -> None:
+    theirs, ours = result_fields(head.config), result_fields(config)
     differing = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
     if differing:
         details = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in differing)
         raise ValueError(
-            f"model {model!r} was built with another config ({details}); "
+            f"model {head.model!r} was built with another config ({details}); "
             "a model keeps one config: use a new model name for these settings"
         )
 
 
-def _next_manifest(
-    model: str, previous: dict[str, Any] | None, entry: dict[str, Any], config: Config
-) -> dict[str, Any]:
-    tasks = list(previous["tasks"]) if previous else []
-    if any(t["name"] == entry["name"] for t in tasks):
-        # Another run added this class between our read and our write.
-        raise ValueError(
-            f"class {entry['name']!r} was added to model {model!r} by another run meanwhile; "
-            "run the request again to see that version"
-        )
-    version = (previous["version"] if previous else 0) + 1
-    return {
-        "model": model,
-        "version": version,
-        "tasks": tasks + [entry],
-        "config": config.model_dump(mode="json"),
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "ucad_version": __version__,
-    }
+def _result(
+    request: AddTask | Replay,
+    version: ModelVersion,
+    results: ResultsMatrix,
+    records: list[StageRecord],
+    new_version: bool,
+) -> RunResult:
+    return RunResult(
+        version.model,
+        version.version,
+        version.task_names,
+        request.routing,
+        request.config,
+        results,
+        _unique(records),
+        new_version,
+    )
+
+
+def _unique(records: list[StageRecord]) -> list[StageRecord]:
+    """Each artifact once: evaluations of several versions share features, routing, scores."""
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for record in records:
+        if (record.stage, record.digest) not in seen:
+            seen.add((record.stage, record.digest))
+            unique.append(record)
+    return unique

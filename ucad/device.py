@@ -18,17 +18,41 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} was asked for but no CUDA GPU is available")
     if device.type == "cuda":
-        log.info("device: %s (%s), bf16 autocast", device, torch.cuda.get_device_name(device))
+        log.info("device: %s (%s)", device, torch.cuda.get_device_name(device))
     else:
-        log.info("device: cpu (%d threads), float32", torch.get_num_threads())
+        log.info("device: cpu (%d threads)", torch.get_num_threads())
     return device
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (safe for ViT forward/backward: no loss scaling needed); none on CPU.
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-    Distances, losses and scores are always computed in float32 by their callers.
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where bf16 matmuls are fast.
+
+    Asked of PyTorch's own CPU dispatch, not guessed from the model name: on CPUs without them
+    bf16 is emulated and slower than float32.
     """
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on CUDA and on CPUs with native bf16, float32 elsewhere."""
+    if name != "auto":
+        return PRECISIONS[name]
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device` for the backbone's forward and backward; none for float32.
+
+    bf16 needs no loss scaling (float32's exponent range). Distances, losses and scores are
+    always computed in float32 by their callers.
+    """
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

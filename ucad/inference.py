@@ -8,7 +8,7 @@
 Images of any size and mode go through the one loader (`ucad.data.images`) and the model's
 geometry (shorter side resized, centre crop). Each image chooses its class by its keys and is
 decided against that class's threshold, calibrated when the class was learned
-(`ucad.pipeline.run_calibrate`) unless the caller overrides it. Heat maps are carried back to
+(`ucad.stages.calibrate`) unless the caller overrides it. Heat maps are carried back to
 the image's own size; pixels the centre crop cut away have no score (NaN in `Result.map`, left
 uncoloured in the overlay).
 """
@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from ucad.data.datasets import IMAGE_EXTENSIONS
 from ucad.data.images import Geometry, load_image, to_rgb
+from ucad.manifest import load_version
 from ucad.model import UCAD
 from ucad.store import ArtifactStore, validate_name
 
@@ -92,16 +93,17 @@ class Inspector:
         `thresholds` overrides the stored threshold of the classes it names; `device` and
         `batch_size` override the model config's `device` and `inference_batch_size`.
         """
-        name, version = parse_model_ref(ref)
-        manifest = store.read_model(name, version)
-        version = manifest["version"]
-        stored = {task["name"]: task.get("threshold") for task in manifest["tasks"]}
-        merged = _merge_thresholds(f"model {name!r} version {version}", stored, thresholds or {})
-        runtime = {"device": device, "inference_batch_size": batch_size}
-        model = UCAD.from_manifest(
-            store, manifest, **{k: v for k, v in runtime.items() if v is not None}
+        name, number = parse_model_ref(ref)
+        version = load_version(store, name, number)
+        stored = {task.name: task.threshold for task in version.tasks}
+        merged = _merge_thresholds(
+            f"model {name!r} version {version.version}", stored, thresholds or {}
         )
-        return cls(model, merged, name, version)
+        runtime = {"device": device, "inference_batch_size": batch_size}
+        model = UCAD.from_version(
+            store, version, **{k: v for k, v in runtime.items() if v is not None}
+        )
+        return cls(model, merged, name, version.version)
 
     def predict(self, images: Sequence[ImageInput]) -> list[Result]:
         """Results for all `images`, in order; see `iter_predict` for long sequences."""
@@ -119,17 +121,25 @@ class Inspector:
             while batch := list(islice(numbered, config.inference_batch_size)):
                 yield from self._score(list(pool.map(self._prepare, batch)))
 
-    def _prepare(self, numbered: tuple[int, ImageInput]) -> tuple[Image.Image, np.ndarray]:
-        image = _as_rgb(*numbered)
-        return image, self.model.geometry.image(image)
+    def _prepare(self, numbered: tuple[int, ImageInput]) -> tuple[str, Image.Image, np.ndarray]:
+        index, source = numbered
+        image = _as_rgb(index, source)
+        name = str(source) if isinstance(source, (str, os.PathLike)) else f"image {index}"
+        return name, image, self.model.geometry.image(image)
 
-    def _score(self, batch: list[tuple[Image.Image, np.ndarray]]) -> Iterator[Result]:
-        prediction = self.model.predict(np.stack([crop for _, crop in batch]))
+    def _score(self, batch: list[tuple[str, Image.Image, np.ndarray]]) -> Iterator[Result]:
+        prediction = self.model.predict(np.stack([crop for _, _, crop in batch]))
         scores = prediction.image_scores.tolist()
-        for (image, _), t, score, crop_map in zip(
+        for (name, image, _), t, score, crop_map in zip(
             batch, prediction.tasks.tolist(), scores, prediction.maps, strict=True
         ):
             task = self.model.task_names[t]
+            if not math.isfinite(score):
+                raise ValueError(
+                    f"{name}: anomaly score {score} under class {task!r} of model "
+                    f"{self.name} version {self.version}: not a number, so the class's "
+                    "memory is damaged; run `ucad store verify`"
+                )
             threshold = self.thresholds[task]
             full_map = image_frame(crop_map, image.size, self.model.geometry)
             yield Result(task, score, threshold, score > threshold, full_map, image)
@@ -150,7 +160,7 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
 
 
 def _merge_thresholds(
-    model: str, stored: Mapping[str, float | None], overrides: Mapping[str, float]
+    model: str, stored: Mapping[str, float], overrides: Mapping[str, float]
 ) -> dict[str, float]:
     unknown = sorted(set(overrides) - set(stored))
     if unknown:
@@ -158,14 +168,7 @@ def _merge_thresholds(
             f"threshold given for class {unknown[0]!r}, which {model} does not have; "
             f"its classes: {', '.join(stored)}"
         )
-    merged = {**stored, **{task: _finite(task, value) for task, value in overrides.items()}}
-    missing = [task for task, value in merged.items() if value is None]
-    if missing:
-        raise ValueError(
-            f"{model} has no stored threshold for class {missing[0]!r} (it was learned before "
-            f"thresholds were calibrated); give one, e.g. --threshold {missing[0]}=VALUE"
-        )
-    return merged
+    return {**stored, **{task: _finite(task, value) for task, value in overrides.items()}}
 
 
 def _finite(task: str, value: Any) -> float:

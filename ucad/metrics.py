@@ -312,6 +312,12 @@ class ResultsMatrix:
             self._values[metric][t, j] = value
         self.n_learned = max(self.n_learned, t + 1)
 
+    def set_row(self, t: int, row: Mapping[int, Mapping[str, float]]) -> None:
+        """Store row t: the metrics of each task j evaluated after learning task t."""
+        for j, values in row.items():
+            self.set(t, j, values)
+        self.n_learned = max(self.n_learned, t + 1)
+
     def row(self, t: int) -> dict[str, list[float]]:
         """Each metric's values for tasks 0..t after learning task t (NaN where unset)."""
         if not 0 <= t < self.n_tasks:

@@ -1,6 +1,6 @@
 """A learned model version in memory: a frozen backbone and a key-prompt-knowledge memory per task.
 
-Learning happens in the cached pipeline (`ucad.continual.add_task`); this object loads a model
+Learning happens in the cached pipeline (`ucad.continual.AddTask`); this object loads a model
 version once and scores images of any of its tasks without being told the task.
 """
 
@@ -14,31 +14,13 @@ import torch
 from torch import Tensor
 
 from ucad import scoring
-from ucad.backbone import PromptedViT, create_backbone
+from ucad.backbone import PromptedViT, create_backbone, input_geometry
 from ucad.config import Config
-from ucad.data.images import Geometry
-from ucad.device import resolve_device
+from ucad.device import resolve_device, resolve_precision
+from ucad.manifest import ModelVersion, load_version
+from ucad.memory import TaskMemory, score_images
 from ucad.stages.features import extract_features
 from ucad.store import ArtifactStore
-
-
-@dataclass(frozen=True)
-class TaskMemory:
-    """Everything kept of one learned task; its training images are not kept."""
-
-    name: str
-    keys: Tensor  # (key_size, D) frozen features, farthest-point sampled
-    prompts: Tensor  # the backbone's prompt shape
-    knowledge: Tensor  # (knowledge_size, D) prompted features, coreset sampled
-
-    @classmethod
-    def load(cls, store: ArtifactStore, entry: dict) -> TaskMemory:
-        """The memory of one task entry of a model manifest."""
-
-        def array(stage: str) -> Tensor:
-            return torch.from_numpy(store.get(stage, entry[stage]).array(stage))
-
-        return cls(entry["name"], array("keys"), array("prompts"), array("knowledge"))
 
 
 @dataclass(frozen=True)
@@ -47,36 +29,6 @@ class Prediction:
     image_scores: Tensor  # (N,)
     patch_scores: Tensor  # (N, P)
     maps: Tensor  # (N, H, W) anomaly maps at the model's input size
-
-
-def input_geometry(config: Config, backbone: PromptedViT) -> Geometry:
-    """How images become model input: the config's resize and crop, the backbone's interpolation."""
-    interpolation = backbone.interpolation
-    if interpolation not in ("bicubic", "bilinear"):
-        interpolation = "bicubic"
-    return Geometry(config.resize_to, config.image_size, interpolation)
-
-
-def score_images(
-    backbone: PromptedViT, images: np.ndarray, memory: TaskMemory, config: Config
-) -> tuple[Tensor, Tensor]:
-    """Patch scores (N, P) and image scores (N,), on the CPU, of images under one task's memory.
-
-    The nearest-neighbour search runs where the backbone runs (the GPU when there is one).
-    """
-    prompted = extract_features(
-        backbone, images, memory.prompts, config.inference_batch_size, on_device=True
-    )
-    knowledge = memory.knowledge.to(prompted.device)
-    patch = scoring.patch_scores(prompted, knowledge)
-    image = scoring.image_scores(
-        prompted,
-        knowledge,
-        patch,
-        reweight=config.reweight,
-        neighbours=config.reweight_neighbours,
-    )
-    return patch.cpu(), image.cpu()
 
 
 class UCAD:
@@ -95,20 +47,19 @@ class UCAD:
         self.memories = memories
         self.device = resolve_device(config.device)
         if backbone is None:
-            torch.manual_seed(config.seed)  # random-initialised backbones are reproducible
-            backbone = create_backbone(config)
+            backbone = create_backbone(config, resolve_precision(config.precision, self.device))
         self.backbone = backbone.to(self.device)
         self.geometry = input_geometry(config, self.backbone)
 
     @classmethod
     def from_store(cls, store: ArtifactStore, model: str, version: int | None = None) -> UCAD:
-        return cls.from_manifest(store, store.read_model(model, version))
+        return cls.from_version(store, load_version(store, model, version))
 
     @classmethod
-    def from_manifest(cls, store: ArtifactStore, manifest: dict, **runtime: Any) -> UCAD:
-        """The model a manifest describes; ``runtime`` overrides fields such as ``device``."""
-        config = Config(**{**manifest["config"], **runtime})
-        return cls(config, [TaskMemory.load(store, entry) for entry in manifest["tasks"]])
+    def from_version(cls, store: ArtifactStore, version: ModelVersion, **runtime: Any) -> UCAD:
+        """The model a version describes; ``runtime`` overrides fields such as ``device``."""
+        config = Config(**{**version.config.model_dump(), **runtime})
+        return cls(config, [TaskMemory.load(store, task) for task in version.tasks])
 
     @property
     def task_names(self) -> list[str]:
@@ -134,7 +85,7 @@ class UCAD:
             index = (tasks == t).nonzero().flatten()
             memory = self.memories[t]
             patch[index], image[index] = score_images(
-                self.backbone, images[index.numpy()], memory, self.config
+                self.backbone, images[index.numpy()], memory.prompts, memory.knowledge, self.config
             )
         maps = scoring.anomaly_maps(
             patch, self.backbone.grid, self.config.image_size, self.config.blur_sigma

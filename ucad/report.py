@@ -7,17 +7,18 @@ from typing import Any
 from ucad.metrics import METRICS
 
 
-def _cell(value: float | None) -> str:
-    return "   -  " if value is None else f"{value:6.3f}"
+def _cell(value: float | None, width: int = 6) -> str:
+    return f"{'-':>{width - 2}}  " if value is None else f"{value:{width}.3f}"
 
 
 def format_matrix(tasks: list[str], rows: list[list[float | None]], metric: str) -> str:
-    """Row t = after learning task t, column j = task j."""
+    """Row t = after learning task t, column j = task j; columns as wide as the class names."""
     width = max(len(name) for name in tasks + ["after"])
-    header = " " * (width + 2) + " ".join(f"{name[:6]:>6}" for name in tasks)
+    column = max(6, *(len(name) for name in tasks))
+    header = " " * (width + 2) + " ".join(f"{name:>{column}}" for name in tasks)
     lines = [f"{metric} (row: after learning, column: task)", header]
     for name, row in zip(tasks, rows, strict=True):
-        lines.append(f"{name:<{width}}  " + " ".join(_cell(v) for v in row))
+        lines.append(f"{name:<{width}}  " + " ".join(_cell(v, column) for v in row))
     return "\n".join(lines)
 
 
@@ -36,7 +37,7 @@ def format_result(result: dict[str, Any], metrics: tuple[str, ...] = METRICS) ->
     tasks = result["tasks"]
     parts = [
         f"classes (in order): {', '.join(tasks)}   seed: {result.get('seed')}   "
-        f"routing: {result.get('routing')}   device: {result.get('device')}"
+        f"routing: {result.get('routing')}"
     ]
     parts += [format_matrix(tasks, result["matrix"][m], m) for m in metrics]
     parts.append(format_summary(result))

@@ -22,13 +22,13 @@ import json
 import os
 import platform
 import re
+import socket
 import sys
 import tempfile
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -38,18 +38,36 @@ from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
 
 from ucad import __version__ as _ucad_version
+from ucad.digests import array_checksum, canonical_json
+from ucad.names import NAME, validate_name
 
 DEFAULT_ROOT = "artifacts"
 ENV_VAR = "UCAD_STORE"
 
-_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,99}")
 _VERSION_FILE = re.compile(r"v(\d{4,})\.json")
-_PROVENANCE_KEYS = ("stage", "digest", "created_utc", "library_versions", "complete")
-_BLOCK = 1 << 20
+_PROVENANCE_KEYS = (
+    "stage",
+    "digest",
+    "created_utc",
+    "library_versions",
+    "complete",
+    "checksums",
+    "files",
+    "attrs_sha256",
+)
+ROOT_METADATA = "zarr.json"
+REPAIR_HINT = (
+    "run `ucad store verify --repair` to move it aside; "
+    "the next run that needs it computes it again"
+)
 
 
 class StoreError(OSError):
     """The store root cannot be used: not a folder, not readable, or no filesystem for its URL."""
+
+
+class DamagedArtifactError(OSError):
+    """A published artifact whose files, attributes or array contents are not what was published."""
 
 
 class ModelVersionConflict(FileExistsError):
@@ -63,81 +81,60 @@ def resolve_root(root: str | os.PathLike | None = None) -> str:
     return os.environ.get(ENV_VAR) or DEFAULT_ROOT
 
 
-def validate_name(value: str, what: str = "name") -> str:
-    """Return ``value`` if it is safe as one path component, else raise ValueError naming it."""
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise ValueError(
-            f"invalid {what} {value!r}: use 1-100 characters from A-Z a-z 0-9 . _ - "
-            "and do not start with '.'"
-        )
-    return value
-
-
-def fingerprint_files(
-    paths: Iterable[str | os.PathLike], root: str | os.PathLike | None = None
-) -> str:
-    """sha256 hex over the relative name, size and content hash of each file, in name order.
-
-    Names are taken relative to ``root`` (default: the files' common parent folder), so a moved
-    dataset keeps its fingerprint while renaming a file changes it; modification times are ignored.
-    """
-    files = sorted({os.path.abspath(p) for p in paths})
-    if not files:
-        raise ValueError("no files to fingerprint")
-    base = (
-        os.path.abspath(root)
-        if root is not None
-        else os.path.commonpath([os.path.dirname(f) for f in files])
-    )
-    entries = sorted((_relative_name(f, base), f) for f in files)
-    total = hashlib.sha256()
-    for name, path in entries:
-        size, content = _hash_file(path)
-        total.update(f"{name}\0{size}\0{content}\n".encode())
-    return total.hexdigest()
-
-
-def digest(
-    stage: str, code_version: str, config: Mapping[str, Any], inputs: Mapping[str, str]
-) -> str:
-    """Name of a stage output: sha256 (first 32 hex digits) of the canonical JSON of all four parts.
-
-    ``config`` holds only the config fields the stage reads; ``inputs`` maps input names to
-    dataset fingerprints or upstream digests. Key order never matters.
-    """
-    payload = {
-        "stage": validate_name(stage, "stage name"),
-        "code_version": code_version,
-        "config": dict(config),
-        "inputs": dict(inputs),
-    }
-    return hashlib.sha256(_json(payload, "digest input").encode()).hexdigest()[:32]
-
-
 @dataclass(frozen=True)
 class Artifact:
-    """One complete stage output; arrays are read from the store on demand."""
+    """One complete stage output; arrays are read on demand and checked against their checksums."""
 
     stage: str
     digest: str
+    path: str
     attrs: dict[str, Any]
     group: zarr.Group = field(repr=False, compare=False)
+
+    def describe(self) -> str:
+        task = self.attrs.get("task")
+        of = f" of class {task!r}" if task else ""
+        return f"{self.stage} artifact{of}, digest {self.digest} ({self.path})"
 
     @property
     def names(self) -> list[str]:
         return sorted(self.group.array_keys())
 
-    def array(self, name: str) -> np.ndarray:
-        try:
-            node = self.group[name]
-        except KeyError:
-            raise KeyError(
-                f"artifact {self.stage}/{self.digest} has no array {name!r}; it has {self.names}"
-            ) from None
-        return np.asarray(node[...])
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes its arrays take on disk (as published; metadata not counted)."""
+        return sum(self.attrs["files"].values())
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {name: self.array(name) for name in self.names}
+    def shape(self, name: str) -> tuple[int, ...]:
+        """An array's shape, from its metadata alone."""
+        return tuple(self.group[name].shape)
+
+    def array(self, name: str) -> np.ndarray:
+        """The array `name`, verified: a missing, truncated or altered chunk is an error."""
+        if name not in self.attrs["checksums"]:
+            raise KeyError(f"{self.describe()} has no array {name!r}; it has {self.names}")
+        try:
+            data = np.asarray(self.group[name][...])
+        except Exception as exc:  # codec errors, missing metadata: any failure to decode
+            raise DamagedArtifactError(
+                f"{self.describe()}: array {name!r} cannot be read ({exc}); {REPAIR_HINT}"
+            ) from exc
+        if array_checksum(data) != self.attrs["checksums"][name]:
+            raise DamagedArtifactError(
+                f"{self.describe()}: array {name!r} does not match the checksum taken when it "
+                f"was published (a chunk is missing or altered); {REPAIR_HINT}"
+            )
+        return data
+
+    def verify(self) -> list[str]:
+        """Problems found by reading every array in full; empty when the artifact is sound."""
+        problems = []
+        for name in self.attrs["checksums"]:
+            try:
+                self.array(name)
+            except DamagedArtifactError as err:
+                problems.append(str(err).split(": ", 1)[-1].split("; run")[0])
+        return problems
 
 
 class ArtifactStore:
@@ -161,14 +158,22 @@ class ArtifactStore:
     # stage outputs
 
     def has(self, stage: str, digest: str) -> bool:
-        """True only for a complete artifact; unfinished groups count as absent."""
-        return self._open_complete(self._final(stage, digest)) is not None
+        """True for a complete artifact; unfinished groups count as absent.
+
+        A complete artifact whose files are missing, resized or whose attributes were altered is
+        an error (DamagedArtifactError), never silently absent or present.
+        """
+        return self._open(stage, digest) is not None
 
     def get(self, stage: str, digest: str) -> Artifact:
-        group = self._open_complete(self._final(stage, digest))
-        if group is None:
-            raise FileNotFoundError(f"no complete artifact {stage}/{digest} in store {self.root!r}")
-        return Artifact(stage, digest, group.attrs.asdict(), group)
+        artifact = self._open(stage, digest)
+        if artifact is None:
+            raise FileNotFoundError(
+                f"no complete artifact {stage}/{digest} in store {self.root!r} (never written, or "
+                "moved aside by `ucad store verify --repair`): the next add-task on a model that "
+                "names it computes it again"
+            )
+        return artifact
 
     def put(
         self,
@@ -180,20 +185,24 @@ class ArtifactStore:
         """Publish a stage output, or return the existing one with this digest.
 
         ``attrs`` is the caller's JSON-serialisable provenance (config, inputs, code version, small
-        metadata); the store adds stage, digest, creation time, library versions and the marker.
+        metadata); the store adds stage, digest, creation time, library versions, a checksum of
+        each array, the size of each file, a checksum of the attributes and the marker.
         Racing writers of one digest are safe: one publishes, the others return its artifact.
         """
         final = self._final(stage, digest)
-        if self._open_complete(final) is not None:
+        if self._open(stage, digest) is not None:
             return self.get(stage, digest)
         checked = {validate_name(n, "array name"): _numeric_array(n, a) for n, a in arrays.items()}
-        attributes = {**_user_attrs(attrs), **_provenance(stage, digest)}
-        tmp = self._join(".tmp", f"{stage}-{digest}-{uuid.uuid4().hex}.zarr")
+        checksums = {name: array_checksum(array) for name, array in checked.items()}
+        attributes = {**_user_attrs(attrs), **_provenance(stage, digest), "checksums": checksums}
+        tmp = self._join(".tmp", f"{stage}-{digest}-{_owner()}-{uuid.uuid4().hex[:8]}.zarr")
         try:
             group = zarr.create_group(store=self._zarr_store(tmp), attributes=attributes)
             for name, array in checked.items():
                 _write_array(group, name, array)
-            group.attrs["complete"] = True  # written last: only a finished group carries it
+            sealed = {**attributes, "files": self._file_sizes(tmp), "complete": True}
+            # written last: only a finished group carries the marker
+            group.attrs.update({**sealed, "attrs_sha256": _attrs_checksum(sealed)})
             self._publish(tmp, final)
         finally:
             if self._fs.exists(tmp):
@@ -201,14 +210,62 @@ class ArtifactStore:
         return self.get(stage, digest)
 
     def artifacts(self, stage: str | None = None) -> list[tuple[str, str]]:
-        """(stage, digest) of every complete artifact, optionally of one stage, sorted."""
+        """(stage, digest) of every published artifact (damaged ones included), sorted."""
         stages = [validate_name(stage, "stage name")] if stage else self._children("stages")
         return [
             (s, name[: -len(".zarr")])
             for s in stages
             for name in self._children("stages", s)
-            if name.endswith(".zarr") and self.has(s, name[: -len(".zarr")])
+            if name.endswith(".zarr")
+            and self._open_complete(self._join("stages", s, name)) is not None
         ]
+
+    def check(self, stage: str, digest: str, full: bool = True) -> list[str]:
+        """What is wrong with an artifact: empty when it is sound.
+
+        The files, their sizes and the attributes are checked always; with `full`, every array
+        is also read and compared with its checksum.
+        """
+        if not self._fs.exists(self._final(stage, digest)):
+            return ["missing"]
+        try:
+            artifact = self._open(stage, digest)
+        except DamagedArtifactError as err:
+            return [str(err).split(": ", 1)[-1].split("; run")[0]]
+        if artifact is None:
+            return ["unfinished (no completion marker)"]
+        return artifact.verify() if full else []
+
+    def artifact_location(self, stage: str, digest: str) -> str:
+        return self._url(self._final(stage, digest))
+
+    def quarantine(self, stage: str, digest: str) -> str:
+        """Move an artifact to damaged/ so the next run that needs it computes it again."""
+        final = self._final(stage, digest)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
+        target = self._join("damaged", stage, f"{digest}-{stamp}-{uuid.uuid4().hex[:6]}.zarr")
+        self._move(final, target)
+        return self._url(target)
+
+    def remove(self, stage: str, digest: str) -> None:
+        """Delete an artifact: moved aside first, so no reader ever sees half of it."""
+        trash = self._join(".tmp", f"discard-{_owner()}-{uuid.uuid4().hex[:8]}")
+        self._move(self._final(stage, digest), trash)
+        self._fs.rm(trash, recursive=True)
+
+    def temporaries(self) -> list[Temporary]:
+        """Writes in progress or left behind by killed runs: .tmp/ entries and manifest temps."""
+        found = []
+        for name in self._children_all(".tmp"):
+            found.append(self._temporary(self._join(".tmp", name), name))
+        for model in self._children("models"):
+            for name in self._children_all("models", model):
+                if name.startswith(".") and name.endswith(".tmp"):
+                    found.append(self._temporary(self._join("models", model, name), name[1:]))
+        return found
+
+    def remove_temporary(self, temporary: Temporary) -> None:
+        self._fs.rm(temporary.path, recursive=True)
 
     # models
 
@@ -248,7 +305,7 @@ class ArtifactStore:
         """
         if not isinstance(manifest, Mapping):
             raise ValueError(f"model manifest must be a JSON object, got {type(manifest).__name__}")
-        data = (_json(dict(manifest), "model manifest", indent=2) + "\n").encode()
+        data = (canonical_json(dict(manifest), "model manifest", indent=2) + "\n").encode()
         head = max(self.model_versions(name), default=0)
         if not isinstance(version, int) or version < 1 or version > head + 1:
             raise ValueError(
@@ -292,6 +349,34 @@ class ArtifactStore:
             f"model {name!r}: other runs kept adding versions; gave up after {retries} attempts"
         )
 
+    def model_location(self, name: str, version: int) -> str:
+        """Where a version's manifest is, for messages."""
+        return self._url(self._version_path(name, version))
+
+    def is_tracked(self, name: str, version: int) -> bool:
+        """Whether a run recorded this version in MLflow (`mark_tracked`)."""
+        return self._fs.exists(self._tracked_path(name, version))
+
+    def mark_tracked(self, name: str, version: int) -> None:
+        path = self._tracked_path(name, version)
+        if self._local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        self._fs.pipe_file(path, b"")
+
+    def _tracked_path(self, name: str, version: int) -> str:
+        return self._join("models", validate_name(name, "model name"), f"v{version:04d}.tracked")
+
+    def remove_model(self, name: str) -> list[int]:
+        """Delete every version of a model; stage artifacts stay (`store prune` collects them)."""
+        versions = self.model_versions(name)
+        if not versions:
+            raise FileNotFoundError(f"no model {name!r} in store {self.root!r}")
+        for version in reversed(versions):  # newest first: a reader never sees a gap below head
+            self._fs.rm(self._version_path(name, version))
+            if self.is_tracked(name, version):
+                self._fs.rm(self._tracked_path(name, version))
+        return versions
+
     # internals
 
     def _check_usable(self) -> None:
@@ -325,7 +410,7 @@ class ArtifactStore:
         except FileNotFoundError:
             return []
         names = (entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
-        return sorted(n for n in names if _NAME.fullmatch(n))
+        return sorted(n for n in names if NAME.fullmatch(n))
 
     def _zarr_store(self, path: str, read_only: bool = False) -> LocalStore | FsspecStore:
         if self._local:
@@ -339,6 +424,52 @@ class ArtifactStore:
             return None
         return group if group.attrs.get("complete") is True else None
 
+    def _open(self, stage: str, digest: str) -> Artifact | None:
+        """The published artifact after the cheap checks (files, sizes, attributes), or None."""
+        path = self._final(stage, digest)
+        group = self._open_complete(path)
+        if group is None:
+            return None
+        attrs = group.attrs.asdict()
+        artifact = Artifact(stage, digest, self._url(path), attrs, group)
+        problem = _seal_problem(attrs) or _files_problem(attrs["files"], self._file_sizes(path))
+        if problem:
+            raise DamagedArtifactError(f"{artifact.describe()}: {problem}; {REPAIR_HINT}")
+        return artifact
+
+    def _file_sizes(self, path: str) -> dict[str, int]:
+        """Relative name -> size of every file of a group but its root metadata (which holds
+        these sizes itself)."""
+        found = self._fs.find(path, detail=True)
+        prefix = path.rstrip("/") + "/"
+        sizes = {p[len(prefix) :]: int(info["size"]) for p, info in found.items()}
+        sizes.pop(ROOT_METADATA, None)
+        return sizes
+
+    def _move(self, source: str, target: str) -> None:
+        if not self._fs.exists(source):
+            raise FileNotFoundError(f"{self._url(source)}: no such artifact")
+        if self._local:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.rename(source, target)
+        else:
+            self._fs.mv(source, target, recursive=True)
+
+    def _children_all(self, *parts: str) -> list[str]:
+        """Every name directly under ``parts``, hidden ones included."""
+        try:
+            entries = self._fs.ls(self._join(*parts), detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
+
+    def _temporary(self, path: str, name: str) -> Temporary:
+        try:
+            modified = self._fs.modified(path).timestamp()
+        except (OSError, NotImplementedError):
+            modified = None
+        return Temporary(self._url(path) if not self._local else path, name, modified)
+
     def _publish(self, tmp: str, final: str) -> None:
         if self._local:
             self._publish_by_rename(tmp, final)
@@ -347,10 +478,11 @@ class ArtifactStore:
 
     def _publish_by_rename(self, tmp: str, final: str) -> None:
         os.makedirs(os.path.dirname(final), exist_ok=True)
+        _fsync_tree(tmp)  # contents on disk before the rename makes them visible
         if os.path.exists(final) and self._open_complete(final) is None:
             # An unfinished group at the final path is never trusted. Move it aside atomically
             # before deleting, so a concurrent publish never sees a half-deleted group there.
-            trash = self._join(".tmp", f"discard-{uuid.uuid4().hex}")
+            trash = self._join(".tmp", f"discard-{_owner()}-{uuid.uuid4().hex[:8]}")
             os.rename(final, trash)
             self._fs.rm(trash, recursive=True)
         try:
@@ -359,6 +491,7 @@ class ArtifactStore:
             if self._open_complete(final) is None:
                 raise
             # Another writer published this digest first; its artifact is equivalent to ours.
+        _fsync_dir(os.path.dirname(final))  # the rename itself survives a power cut
 
     def _publish_by_copy(self, tmp: str, final: str) -> None:
         # Overwrite key by key (each object write is atomic) and never delete at the final path,
@@ -366,41 +499,6 @@ class ArtifactStore:
         marker = f"{tmp}/zarr.json"
         for source in sorted(self._fs.find(tmp), key=lambda p: p == marker):
             self._fs.copy(source, final + source[len(tmp) :])
-
-
-def _relative_name(path: str, base: str) -> str:
-    name = os.path.relpath(path, base)
-    if name.startswith(".."):
-        raise ValueError(f"file {path} is not inside the fingerprint root {base}")
-    return Path(name).as_posix()
-
-
-def _hash_file(path: str) -> tuple[int, str]:
-    content = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            content.update(block)
-            size += len(block)
-    return size, content.hexdigest()
-
-
-def _json(value: Any, what: str, indent: int | None = None) -> str:
-    """Canonical JSON (sorted keys; compact unless indented), or ValueError naming ``what``."""
-    separators = (",", ":") if indent is None else None
-    try:
-        return json.dumps(
-            value,
-            sort_keys=True,
-            indent=indent,
-            separators=separators,
-            ensure_ascii=False,
-            allow_nan=False,
-        )
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"{what} must be plain JSON (str, int, float, bool, None, lists, dicts): {exc}"
-        ) from exc
 
 
 def _numeric_array(name: str, value: Any) -> np.ndarray:
@@ -418,7 +516,7 @@ def _user_attrs(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
     reserved = sorted(set(user) & set(_PROVENANCE_KEYS))
     if reserved:
         raise ValueError(f"attrs {reserved} are reserved for the store's provenance")
-    return json.loads(_json(user, "artifact attrs"))
+    return json.loads(canonical_json(user, "artifact attrs"))
 
 
 def _provenance(stage: str, digest: str) -> dict[str, Any]:
@@ -449,7 +547,7 @@ def _create_exclusive(path: str, data: bytes) -> None:
     """Create ``path`` with ``data`` or raise FileExistsError; never leaves a partial file there."""
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{_owner()}-", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -458,3 +556,79 @@ def _create_exclusive(path: str, data: bytes) -> None:
         os.link(tmp, path)  # atomic, and fails if path exists
     finally:
         os.unlink(tmp)
+    _fsync_dir(directory)
+
+
+def _fsync_tree(path: str) -> None:
+    """Flush every file and folder under `path` to disk."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(folder)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _owner() -> str:
+    """host and pid of this process, in temporary names: `store prune` keeps those still alive."""
+    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class Temporary:
+    """A write in progress, or one a killed run left behind."""
+
+    path: str
+    name: str  # <stage>-<digest>-<host>-<pid>-<random>.zarr, discard-<host>-<pid>-..., ...
+    modified: float | None  # POSIX time of its last change, where the filesystem tells
+
+    def writer_alive(self) -> bool | None:
+        """Whether the process that made it still runs: None when it cannot be told (another
+        host, or a name without an owner)."""
+        match = re.search(r"(?:^|-)([A-Za-z0-9_.]+)-(\d+)-[0-9a-z]+(?:\.zarr|\.tmp)?$", self.name)
+        if not match or match.group(1) != socket.gethostname().replace("-", "_"):
+            return None
+        try:
+            os.kill(int(match.group(2)), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:  # exists, owned by another user
+            return True
+        return True
+
+
+def _attrs_checksum(attrs: Mapping[str, Any]) -> str:
+    payload = {k: v for k, v in attrs.items() if k != "attrs_sha256"}
+    return hashlib.sha256(canonical_json(payload, "artifact attrs").encode()).hexdigest()
+
+
+def _seal_problem(attrs: Mapping[str, Any]) -> str | None:
+    if "checksums" not in attrs or "files" not in attrs or "attrs_sha256" not in attrs:
+        return "it carries no checksums (written by ucad 0.1, or altered)"
+    if _attrs_checksum(attrs) != attrs["attrs_sha256"]:
+        return "its attributes do not match their checksum (the metadata was altered)"
+    return None
+
+
+def _files_problem(recorded: Mapping[str, int], found: Mapping[str, int]) -> str | None:
+    missing = sorted(set(recorded) - set(found))
+    if missing:
+        return f"{len(missing)} file(s) missing, e.g. {missing[0]}"
+    resized = sorted(k for k in recorded if found[k] != recorded[k])
+    if resized:
+        name = resized[0]
+        return f"file {name} has {found[name]} bytes, {recorded[name]} when published"
+    extra = sorted(set(found) - set(recorded))
+    if extra:
+        return f"unexpected file(s), e.g. {extra[0]}"
+    return None

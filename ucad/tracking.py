@@ -27,20 +27,14 @@ import json
 import logging
 import math
 import os
-import platform
 import re
-import subprocess
-import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import fsspec
-import numpy as np
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from matplotlib.figure import Figure
@@ -50,24 +44,18 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
-from ucad import __version__
 from ucad.config import Config
-from ucad.continual import STAGES, RunResult
-from ucad.data.datasets import TaskData, TestSample, read_task
-from ucad.data.images import load_mask
-from ucad.inference import Inspector, Result
+from ucad.continual import RunResult
+from ucad.figures import curves_figure, matrix_figure
+from ucad.manifest import CLASS_STAGES, ModelVersion, load_version
 from ucad.metrics import final, forgetting
+from ucad.provenance import PACKAGES, git_state, library_versions, peak_rss_bytes
 from ucad.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
 KINDS = ("add-task", "benchmark")
 ENV_VAR = "MLFLOW_TRACKING_URI"
-# The stages that make a class's memory (all but the evaluation); their digests say what it is.
-LEARNING_STAGES = tuple(stage for stage in STAGES if stage != "evaluation")
-PACKAGES = ("torchvision", "timm", "numpy", "zarr", "mlflow", "prefect")
-GALLERY_NORMAL = 2
-GALLERY_DEFECTIVE = 2
 # MLflow retries a failed request for minutes by default; a tracking server that is down should
 # cost a run seconds. Values the user set in the environment win.
 HTTP_LIMITS = {
@@ -116,11 +104,13 @@ def log_result(
     strict: bool = False,
     flow_run_id: str | None = None,
     started: float | None = None,
+    gallery: Mapping[str, Figure] | None = None,
 ) -> str | None:
     """Log a finished run to MLflow; return the parent run's id, or None if it was not logged.
 
     ``kind`` is ``add-task`` or ``benchmark``; ``started`` (Unix time) makes the run's duration
-    in the UI the real one. Failures to log are warnings unless ``strict``, then TrackingError.
+    in the UI the real one; ``gallery`` holds figures of example verdicts per class
+    (`ucad.gallery`). Failures to log are warnings unless ``strict``, then TrackingError.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -131,11 +121,19 @@ def log_result(
             f"set (set ${ENV_VAR} or the config field tracking_uri)",
             strict,
         )
-    memory = _peak_memory()  # before the gallery adds its own allocations
+    memory = _peak_memory()
     try:
         with _http_limits():
             run_id = _log_run(
-                MlflowClient(target.uri), target, result, store, kind, flow_run_id, started, memory
+                MlflowClient(target.uri),
+                target,
+                result,
+                store,
+                kind,
+                flow_run_id,
+                started,
+                memory,
+                gallery or {},
             )
     except Exception as err:  # tracking is best effort: whatever fails, the run's results stand
         return _not_logged(
@@ -176,8 +174,9 @@ def _log_run(
     flow_run_id: str | None,
     started: float | None,
     memory: dict[str, float],
+    gallery: Mapping[str, Figure],
 ) -> str:
-    manifest = store.read_model(result.model, result.version)
+    manifest = load_version(store, result.model, result.version)
     name = experiment_name(kind, manifest)
     experiment = _experiment_id(client, name, target.artifact_location)
     history = history_metrics(result)
@@ -194,7 +193,7 @@ def _log_run(
             metrics=_metrics(history + [(k, v, 0) for k, v in totals.items()]),
             params=[Param(k, v) for k, v in _params(result).items()],
         )
-        _log_artifacts(client, parent, result, manifest, store)
+        _log_artifacts(client, parent, result, gallery)
         for step in _learned_steps(result, kind):
             _log_class_run(client, experiment, parent, result, manifest, step, history)
     except BaseException:
@@ -210,38 +209,32 @@ def _log_class_run(
     experiment: str,
     parent: str,
     result: RunResult,
-    manifest: dict[str, Any],
+    manifest: ModelVersion,
     step: int,
     history: list[tuple[str, float, int]],
 ) -> None:
     """The nested run of the class learned at `step`: its row of figures and its learning cost."""
-    entry = manifest["tasks"][step - 1]
+    entry = manifest.tasks[step - 1]
     tags = {
         MLFLOW_PARENT_RUN_ID: parent,
         "ucad.model": result.model,
         "ucad.model_version": str(step),  # every version adds exactly one class
-        "ucad.class": entry["name"],
-        **{f"ucad.digest.{stage}": digest for stage, digest in _digests(entry).items()},
+        "ucad.class": entry.name,
+        **{f"ucad.digest.{stage}": digest for stage, digest in entry.digests().items()},
     }
-    run = client.create_run(experiment, tags=tags, run_name=f"{step:02d} {entry['name']}")
-    own = [r for r in result.stages if r.task == entry["name"] and r.stage in LEARNING_STAGES]
+    run = client.create_run(experiment, tags=tags, run_name=f"{step:02d} {entry.name}")
+    own = [r for r in result.stages if r.task == entry.name and r.stage in CLASS_STAGES]
     own_values = {f"seconds/{r.stage}": r.seconds for r in own}
     own_values |= {f"cached/{r.stage}": float(r.cached) for r in own}
-    if isinstance(entry.get("threshold"), (int, float)):
-        own_values["threshold"] = entry["threshold"]  # the class's decision threshold (a score)
+    own_values["threshold"] = entry.threshold  # the class's decision threshold (a score)
     client.log_batch(
         run.info.run_id,
         metrics=_metrics(
             [m for m in history if m[2] == step] + [(k, v, step) for k, v in own_values.items()]
         ),
-        params=[Param("class", entry["name"]), Param("step", str(step))],
+        params=[Param("class", entry.name), Param("step", str(step))],
     )
     client.set_terminated(run.info.run_id)
-
-
-def _digests(entry: dict[str, Any]) -> dict[str, str]:
-    # manifests written before a stage existed lack its digest
-    return {stage: entry[stage] for stage in LEARNING_STAGES if stage in entry}
 
 
 def _learned_steps(result: RunResult, kind: str) -> list[int]:
@@ -258,16 +251,16 @@ def _terminate_quietly(client: MlflowClient, run_id: str, status: str) -> None:
         log.debug("could not mark MLflow run %s %s", run_id, status, exc_info=True)
 
 
-def experiment_name(kind: str, manifest: dict[str, Any]) -> str:
+def experiment_name(kind: str, manifest: ModelVersion) -> str:
     """One experiment per model (add-task) and per benchmark stream (dataset and class order)."""
     # No "/" in names: the UI reads it as a folder path and shows only the last part.
     if kind == "add-task":
-        return f"ucad model {manifest['model']}"
-    names = [t["name"] for t in manifest["tasks"]]
+        return f"ucad model {manifest.model}"
+    names = manifest.task_names
     order = ",".join(names)
     if len(order) > 200:  # MLflow caps names at 500 characters; keep the name readable
         order = f"{len(names)} classes {_short_hash(order)}"
-    dataset = Path(manifest["tasks"][0]["data"]["root"]).name or "data"
+    dataset = Path(manifest.tasks[0].data.root).name or "data"
     return f"ucad benchmark {dataset}: {order}"
 
 
@@ -307,12 +300,12 @@ def _params(result: RunResult) -> dict[str, str]:
 
 def _parent_tags(
     result: RunResult,
-    manifest: dict[str, Any],
+    manifest: ModelVersion,
     store: ArtifactStore,
     kind: str,
     flow_run_id: str | None,
 ) -> dict[str, str]:
-    tasks = manifest["tasks"]
+    tasks = manifest.tasks
     tags = {
         "ucad.kind": kind,
         "ucad.model": result.model,
@@ -320,62 +313,21 @@ def _parent_tags(
         "ucad.new_version": str(result.new_version).lower(),
         "ucad.classes": ", ".join(result.tasks),
         "ucad.store": store.root,
-        "ucad.data": ", ".join(sorted({t["data"]["root"] for t in tasks})),
-        "ucad.digests": json.dumps({t["name"]: _digests(t) for t in tasks}),
+        "ucad.data": ", ".join(sorted({t.data.root for t in tasks})),
+        "ucad.digests": json.dumps({t.name: t.digests() for t in tasks}),
         MLFLOW_RUN_NOTE: (
             f"ucad {kind}: {' → '.join(result.tasks)} into model {result.model} "
             f"v{result.version}; routing {result.routing}, seed {result.config.seed}"
         ),
-        **{f"versions.{name}": version for name, version in package_versions().items()},
+        **{f"versions.{name}": version for name, version in library_versions(PACKAGES).items()},
     }
-    commit, dirty = _git_state()
+    commit, dirty = git_state()
     if commit:
         tags[MLFLOW_GIT_COMMIT] = commit
         tags["ucad.git_dirty"] = str(dirty).lower()
     if flow_run_id:
         tags["prefect.flow_run_id"] = flow_run_id
     return tags
-
-
-def package_versions() -> dict[str, str]:
-    # torch's own string names its build (+cu130, +cpu), which the package metadata does not
-    versions = {
-        "python": platform.python_version(),
-        "ucad": __version__,
-        "torch": torch.__version__,
-    }
-    if torch.version.cuda:
-        versions["cuda"] = torch.version.cuda
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return versions
-
-
-def _git_state() -> tuple[str | None, bool]:
-    """Commit of the ucad checkout this code runs from, and whether it has uncommitted changes.
-
-    Only for a source checkout: an installed ucad inside some other repository must not report
-    that repository's commit.
-    """
-    checkout = Path(__file__).resolve().parent.parent
-    if not (checkout / ".git").exists():
-        return None, False
-    try:
-        commit = _git(checkout, "rev-parse", "HEAD")
-        dirty = bool(_git(checkout, "status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return None, False
-    return commit or None, dirty
-
-
-def _git(checkout: Path, *args: str) -> str:
-    done = subprocess.run(
-        ["git", "-C", str(checkout), *args], capture_output=True, text=True, timeout=10, check=True
-    )
-    return done.stdout.strip()
 
 
 def history_metrics(result: RunResult) -> list[tuple[str, float, int]]:
@@ -424,17 +376,7 @@ def _metrics(values: Sequence[tuple[str, float, int]]) -> list[Metric]:
 
 def _peak_memory() -> dict[str, float]:
     """Peak memory of this process so far (the whole process lifetime, not only this run)."""
-    out = {}
-    try:
-        import resource  # POSIX only
-    except ImportError:
-        pass
-    else:
-        # ru_maxrss is in KiB on Linux, in bytes on macOS
-        unit = 1 if sys.platform == "darwin" else 1024
-        out["memory/peak_rss_mb"] = (
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20
-        )
+    out = {"memory/peak_rss_mb": peak_rss_bytes() / 2**20}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out["memory/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
@@ -448,11 +390,7 @@ def _short_hash(text: str) -> str:
 
 
 def _log_artifacts(
-    client: MlflowClient,
-    run_id: str,
-    result: RunResult,
-    manifest: dict[str, Any],
-    store: ArtifactStore,
+    client: MlflowClient, run_id: str, result: RunResult, gallery: Mapping[str, Figure]
 ) -> None:
     client.log_dict(run_id, result.config.model_dump(mode="json"), "config.yaml")
     client.log_dict(run_id, result.as_json(), "result.json")
@@ -462,8 +400,8 @@ def _log_artifacts(
         client.log_figure(
             run_id, matrix_figure(result.tasks, rows, metric), f"results/{metric}.png"
         )
-    client.log_figure(run_id, curves_figure(result), "results/curves.png")
-    for name, figure in gallery(store, manifest).items():
+    client.log_figure(run_id, curves_figure(result.results), "results/curves.png")
+    for name, figure in gallery.items():
         client.log_figure(run_id, figure, f"gallery/{metric_key(name)}.png")
 
 
@@ -475,103 +413,3 @@ def matrix_csv(tasks: list[str], rows: list[list[float | None]]) -> str:
     for name, row in zip(tasks, rows, strict=False):
         writer.writerow([name, *("" if v is None else f"{v:.6f}" for v in row)])
     return text.getvalue()
-
-
-def matrix_figure(tasks: list[str], rows: list[list[float | None]], metric: str) -> Figure:
-    values = np.array([[np.nan if v is None else v for v in row] for row in rows])
-    size = min(2.0 + 0.6 * len(tasks), 12.0)
-    figure = Figure(figsize=(size + 1.0, size), layout="constrained")
-    ax = figure.subplots()
-    image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=1.0)
-    for (t, j), value in np.ndenumerate(values):
-        if not np.isnan(value):
-            colour = "black" if value > 0.6 else "white"  # readable on viridis
-            ax.text(j, t, f"{value:.2f}", ha="center", va="center", fontsize=8, color=colour)
-    ax.set_xticks(range(len(tasks)), tasks, rotation=45, ha="right")
-    ax.set_yticks(range(len(rows)), tasks[: len(rows)])
-    ax.set_xlabel("class evaluated")
-    ax.set_ylabel("after learning")
-    ax.set_title(metric)
-    figure.colorbar(image, ax=ax, shrink=0.8)
-    return figure
-
-
-def curves_figure(result: RunResult) -> Figure:
-    """Mean and forgetting of every metric after each class learned."""
-    figure = Figure(figsize=(10, 4), layout="constrained")
-    mean_ax, forgetting_ax = figure.subplots(1, 2)
-    steps = np.arange(1, result.results.n_learned + 1)
-    for metric in result.results.metrics:
-        rows = result.results.matrix(metric)
-        mean_ax.plot(steps, [final(rows[:s]) for s in steps], marker="o", label=metric)
-        forgetting_ax.plot(
-            steps[1:], [forgetting(rows[:s]) for s in steps[1:]], marker="o", label=metric
-        )
-    for ax, title in ((mean_ax, "mean over classes learned"), (forgetting_ax, "forgetting")):
-        ax.set_title(title)
-        ax.set_xlabel("classes learned")
-        ax.set_xticks(steps)
-        ax.grid(alpha=0.3)
-    mean_ax.set_ylim(0, 1.02)
-    mean_ax.legend(fontsize=8, loc="lower left")
-    return figure
-
-
-def gallery(store: ArtifactStore, manifest: dict[str, Any]) -> dict[str, Figure]:
-    """What `ucad predict` says about a few normal and defective test images of each class.
-
-    Each image selects its class by its keys and is decided against that class's threshold, as
-    in deployment. A class whose test data is gone is skipped with a warning.
-    """
-    inspector = Inspector.load(store, f"{manifest['model']}@{manifest['version']}")
-    figures = {}
-    for entry in manifest["tasks"]:
-        data = entry["data"]
-        try:
-            samples = _gallery_samples(read_task(data["root"], entry["name"], data["format"]))
-            results = inspector.predict([sample.image for sample in samples])
-            masks = [None if s.mask is None else load_mask(s.mask) for s in samples]
-        except (OSError, ValueError) as err:
-            log.warning("gallery: skipping class %s: %s", entry["name"], err)
-            continue
-        figures[entry["name"]] = gallery_figure(entry["name"], samples, results, masks)
-    return figures
-
-
-def _gallery_samples(task: TaskData) -> list[TestSample]:
-    normal = [s for s in task.test if s.label == 0]
-    defective = [s for s in task.test if s.label == 1]
-    return _spread(normal, GALLERY_NORMAL) + _spread(defective, GALLERY_DEFECTIVE)
-
-
-def _spread(samples: list[TestSample], k: int) -> list[TestSample]:
-    """k samples evenly spaced over the path-sorted list, so they span defect types."""
-    if len(samples) <= k:
-        return samples
-    return [samples[i] for i in np.linspace(0, len(samples) - 1, k).round().astype(int)]
-
-
-def gallery_figure(
-    name: str, samples: list[TestSample], results: list[Result], masks: list[np.ndarray | None]
-) -> Figure:
-    """Top: the image; bottom: its heat map; ground truth outlined in white on both."""
-    figure = Figure(figsize=(1.8 * len(samples), 4.2), dpi=72, layout="constrained")
-    axes = figure.subplots(2, len(samples), squeeze=False)
-    for (top, bottom), sample, result, mask in zip(axes.T, samples, results, masks, strict=True):
-        top.imshow(result.image)
-        bottom.imshow(result.overlay())
-        if mask is not None and mask.any():
-            for ax in (top, bottom):
-                ax.contour(mask, levels=[0.5], colors="white", linewidths=0.8)
-        verdict = "anomalous" if result.anomalous else "normal"
-        title = f"{sample.defect}: {verdict}\n{result.score:.3g} / {result.threshold:.3g}"
-        if result.task != name:
-            title += f"\nas {result.task}"
-        top.set_title(title, fontsize=8)
-        top.set_axis_off()
-        bottom.set_axis_off()
-    figure.suptitle(
-        f"{name}   (score / threshold; heat: blue 0, green threshold, red 2x threshold)",
-        fontsize=8,
-    )
-    return figure

@@ -1,4 +1,4 @@
-"""Batched feature extraction with the frozen or the prompted backbone."""
+"""Batched feature extraction, and stage `features`: frozen features of a test set."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ucad.backbone import PromptedViT
+from ucad.data.source import TaskSource
 from ucad.device import autocast
+from ucad.pipeline import Runtime, Stage, StageRecord, cached
+from ucad.stages.common import BACKBONE_FIELDS
 
 
 @torch.inference_mode()
@@ -34,7 +37,21 @@ def extract_features(
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=None):
         batch = backbone.prepare(images[start : start + batch_size], device)
-        with autocast(device):
+        with autocast(device, backbone.compute_dtype):
             feats = backbone.features(batch, prompts)
         out[start : start + len(batch)] = feats.float().to(out.device)
     return out
+
+
+FEATURES = Stage("features", "2", BACKBONE_FIELDS, runs_backbone=True)
+
+
+def run_features(rt: Runtime, source: TaskSource) -> StageRecord:
+    """Frozen features of a class's test images: computed once, read by every routing."""
+
+    def compute():
+        images = rt.test_set(source).images
+        frozen = extract_features(rt.backbone, images, None, rt.config.inference_batch_size)
+        return {"features": frozen.numpy()}, {}
+
+    return cached(rt, FEATURES, source.name, {"test": source.test}, compute)

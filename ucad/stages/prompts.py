@@ -1,4 +1,6 @@
-"""Prompt training with structure-based contrastive learning (SCL, METHOD.md).
+"""Stage `prompts`: structure-based contrastive learning (SCL) of a class's prompts.
+
+docs/method.md, "Prompts and the structure-based contrastive loss".
 
 Per image, over all pairs of its patches: features f are L2-normalised prompted features,
 S = f f^T / tau, M_ij = 1 where patches i and j carry the same structure label, and
@@ -19,7 +21,12 @@ from tqdm.auto import tqdm
 
 from ucad.backbone import PromptedViT
 from ucad.config import Config
+from ucad.data.source import TaskSource
 from ucad.device import autocast
+from ucad.pipeline import Runtime, Stage, StageRecord, cached
+from ucad.stages.common import BACKBONE_FIELDS
+from ucad.stages.structure import STRUCTURE
+from ucad.structure import patch_labels
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +80,7 @@ def train_prompts(
         ):
             index = order[start : start + config.batch_size]
             batch = backbone.prepare(images[index.numpy()], device)
-            with autocast(device):
+            with autocast(device, backbone.compute_dtype):
                 features = backbone.features(batch, prompts)
             loss = scl_loss(
                 features,
@@ -92,3 +99,33 @@ def train_prompts(
         if on_epoch is not None:
             on_epoch(epoch, mean_loss)
     return prompts.detach().cpu()
+
+
+PROMPTS = Stage(
+    "prompts",
+    "2",
+    BACKBONE_FIELDS
+    + ("prompt_mode", "prompt_length", "temperature", "lambda_pos", "lambda_neg", "lr", "betas")
+    + ("batch_size", "epochs", "grad_clip", "seed"),
+    consumes=(STRUCTURE,),
+    runs_backbone=True,
+)
+
+
+def run_prompts(rt: Runtime, source: TaskSource, structure: str) -> StageRecord:
+    """Train a class's prompts on its training images and their structure maps."""
+
+    def compute():
+        maps = rt.store.get("structure", structure).array("label_maps")
+        losses: list[float] = []
+        prompts = train_prompts(
+            rt.backbone,
+            rt.train_images(source),
+            patch_labels(maps, rt.backbone.patch_size),
+            rt.config,
+            on_epoch=lambda epoch, loss: losses.append(loss),
+        )
+        return {"prompts": prompts.numpy()}, {"epoch_losses": losses}
+
+    inputs = {"train": source.train, "structure": structure}
+    return cached(rt, PROMPTS, source.name, inputs, compute)

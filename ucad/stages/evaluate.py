@@ -1,0 +1,115 @@
+"""Stage `evaluate`: one class's test set under one model version, with task-agnostic routing.
+
+Each test image chooses the class whose keys are nearest (routing), is scored with that class's
+prompts and knowledge (scores), and the class's metrics are computed from those scores, the
+anomaly maps and the test labels and masks. The evaluation is named by what its figures are
+made of: the test set, the class each image chose and the score artifacts read. An earlier
+class none of whose images change their choice under a new version therefore keeps its figures,
+so each new version costs routing for the new class's keys, not a re-evaluation of everything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+import numpy as np
+import torch
+
+from ucad.data.source import TaskSource
+from ucad.manifest import ModelVersion
+from ucad.metrics import json_float, task_metrics
+from ucad.pipeline import Evaluation, Runtime, Stage, StageRecord, cached
+from ucad.scoring import anomaly_maps
+from ucad.stages.features import FEATURES, run_features
+from ucad.stages.routing import ROUTING, run_routing
+from ucad.stages.scores import SCORES, run_scores
+
+Routing = Literal["agnostic", "oracle"]
+ROUTINGS: tuple[Routing, ...] = ("agnostic", "oracle")
+
+EVALUATE = Stage(
+    "evaluate", "2", ("image_size", "blur_sigma"), consumes=(FEATURES, ROUTING, SCORES)
+)
+
+
+def run_evaluate(
+    rt: Runtime, version: ModelVersion, j: int, routing: Routing = "agnostic"
+) -> Evaluation:
+    """Evaluate the test set of class j of `version` with every class of that version."""
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+    source = version.tasks[j].data
+    records: list[StageRecord] = []
+    if routing == "oracle":
+        selected, scored = _oracle(rt, version, j, source, records)
+    else:
+        selected, scored = _route_and_score(rt, version, j, source, records)
+    inputs = {
+        "test": source.test,
+        "j": j,
+        "routing": routing,
+        "selected": "sha256:" + hashlib.sha256(selected.astype(np.int64).tobytes()).hexdigest(),
+        "scores": [[t, record.digest] for t, record in sorted(scored.items())],
+    }
+
+    def compute():
+        test = rt.test_set(source)
+        patch = np.empty((len(test.labels), rt.backbone.num_patches), dtype=np.float32)
+        image = np.empty(len(test.labels), dtype=np.float32)
+        for t, record in scored.items():
+            artifact = rt.store.get("scores", record.digest)
+            rows = np.flatnonzero(selected == t)
+            # the artifact's index is sorted and covers every image that now selects t
+            take = np.searchsorted(artifact.array("index"), rows)
+            patch[rows] = artifact.array("patch")[take]
+            image[rows] = artifact.array("image")[take]
+        maps = anomaly_maps(
+            torch.from_numpy(patch), rt.backbone.grid, rt.config.image_size, rt.config.blur_sigma
+        ).numpy()
+        metrics = task_metrics(image, test.labels, maps, test.masks, selected, j)
+        arrays = {"selected": selected.astype(np.int64), "image_scores": image}
+        return arrays, {"metrics": {k: json_float(v) for k, v in metrics.items()}}
+
+    record = cached(rt, EVALUATE, source.name, inputs, compute)
+    stored = rt.store.get("evaluate", record.digest).attrs["metrics"]
+    metrics = {k: float("nan") if v is None else v for k, v in stored.items()}
+    return Evaluation(metrics, [*records, record])
+
+
+def _oracle(
+    rt: Runtime, version: ModelVersion, j: int, source: TaskSource, records: list[StageRecord]
+) -> tuple[np.ndarray, dict[int, StageRecord]]:
+    """Diagnostic routing: every image is scored with its own class."""
+    n = len(rt.test_set(source).labels)
+    record = run_scores(rt, source, version.tasks[j], np.arange(n), {"routing": "oracle"})
+    records.append(record)
+    return np.full(n, j, dtype=np.int64), {j: record}
+
+
+def _route_and_score(
+    rt: Runtime, version: ModelVersion, j: int, source: TaskSource, records: list[StageRecord]
+) -> tuple[np.ndarray, dict[int, StageRecord]]:
+    """The class each image of test set j selects, and the score artifacts that cover them."""
+    features = run_features(rt, source)
+    records.append(features)
+    routing_digests = []
+    distances = []
+    for task in version.tasks:
+        record = run_routing(rt, source.name, features.digest, task.keys)
+        records.append(record)
+        routing_digests.append(record.digest)
+        distances.append(rt.store.get("routing", record.digest).array("distances"))
+    stacked = np.stack(distances, axis=1)
+    selected = stacked.argmin(axis=1)
+    scored = {}
+    for t in np.unique(selected).tolist():
+        # Scores under class t are computed once, at the first version holding both j and t:
+        # every later class can only take images away from t, never add any.
+        first = max(j, t)
+        index = np.flatnonzero(stacked[:, : first + 1].argmin(axis=1) == t)
+        routing_inputs = {"routing": "agnostic", "routing_digests": routing_digests[: first + 1]}
+        record = run_scores(rt, source, version.tasks[t], index, routing_inputs)
+        records.append(record)
+        scored[t] = record
+    return selected, scored

@@ -1,0 +1,58 @@
+"""Stage `scores`: prompted patch and image scores of the test images that chose one class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from ucad.data.source import TaskSource
+from ucad.manifest import TaskEntry
+from ucad.memory import score_images
+from ucad.pipeline import Runtime, Stage, StageRecord, cached
+from ucad.stages.common import BACKBONE_FIELDS
+from ucad.stages.knowledge import KNOWLEDGE
+from ucad.stages.prompts import PROMPTS
+from ucad.stages.routing import ROUTING
+
+SCORES = Stage(
+    "scores",
+    "2",
+    BACKBONE_FIELDS + ("reweight", "reweight_neighbours"),
+    consumes=(PROMPTS, KNOWLEDGE, ROUTING),
+    runs_backbone=True,
+)
+
+
+def run_scores(
+    rt: Runtime,
+    source: TaskSource,
+    task: TaskEntry,
+    index: np.ndarray,
+    routing_inputs: dict[str, Any],
+) -> StageRecord:
+    """Scores of test images `index` of `source` under class `task`'s prompts and knowledge.
+
+    `routing_inputs` names what chose these images (the routing digests, or oracle routing).
+    """
+
+    def compute():
+        images = rt.test_set(source).images[index]
+        patch, image = score_images(
+            rt.backbone,
+            images,
+            torch.from_numpy(rt.store.get("prompts", task.prompts).array("prompts")),
+            torch.from_numpy(rt.store.get("knowledge", task.knowledge).array("knowledge")),
+            rt.config,
+        )
+        arrays = {"index": index.astype(np.int64), "patch": patch.numpy(), "image": image.numpy()}
+        return arrays, {"scored_as": task.name}
+
+    inputs = {
+        "test": source.test,
+        "prompts": task.prompts,
+        "knowledge": task.knowledge,
+        **routing_inputs,
+    }
+    return cached(rt, SCORES, source.name, inputs, compute)
