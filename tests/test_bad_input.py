@@ -5,11 +5,15 @@ Formats that convert safely (grayscale, RGBA, 16-bit, palette) are accepted and 
 """
 
 import ast
+import ctypes
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -339,24 +343,72 @@ def test_store_url_without_a_filesystem_is_refused(capsys, tmp_path, data):
     assert "cannot open artifact store 'nosuch://bucket/ucad'" in err
 
 
-def test_unreadable_store_is_refused(capsys, store, data, monkeypatch):
+# Root reads any folder, so the permission check runs in a child process held to file
+# permissions as an ordinary user is: as root, the child loses the two capabilities that let root
+# ignore them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) from its bounding set before it starts.
+# (Dropping to `nobody` would also lock the child out of an interpreter installed under /root.)
+_PR_CAPBSET_DROP = 24
+_FILE_PERMISSION_CAPABILITIES = (1, 2)
+
+UNREADABLE_STORE = """
+import contextlib, io, json, os, sys
+from ucad.cli import main
+store = sys.argv[1]
+try:
+    os.listdir(store)
+except PermissionError:
+    pass
+else:
+    sys.exit("this process can read a folder of mode 000: the check would prove nothing")
+outcomes = []
+for args in json.loads(sys.argv[2]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(args)
+    outcomes.append([code, err.getvalue()])
+print("OUTCOMES " + json.dumps(outcomes))
+"""
+
+
+def _without_root_file_access() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in _FILE_PERMISSION_CAPABILITIES:
+        if libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def run_as_ordinary_user(code: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -c code args...` held to file permissions; stdout and stderr captured."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        timeout=300,
+        preexec_fn=_without_root_file_access if os.geteuid() == 0 else None,
+    )
+
+
+def test_unreadable_store_is_refused(store, data):
     before = snapshot(store)
+    commands = [
+        ["models", "--store", str(store)],
+        predict(store, data),
+        add_task(store, data),
+    ]
     store.chmod(0)
-    if os.geteuid() == 0:  # root reads any folder: let the permission check see what users do
-        access = os.access
-        monkeypatch.setattr(
-            os, "access", lambda path, mode: Path(path) != store and access(path, mode)
-        )
     try:
-        for args in (
-            ["models", "--store", str(store)],
-            predict(store, data),
-            add_task(store, data),
-        ):
-            assert main(args) == 1
-            assert f"artifact store {str(store)!r} is not readable" in capsys.readouterr().err
+        child = run_as_ordinary_user(UNREADABLE_STORE, str(store), json.dumps(commands))
     finally:
         store.chmod(0o755)
+    assert child.returncode == 0, child.stderr[-3000:]
+    (line,) = [x for x in child.stdout.splitlines() if x.startswith("OUTCOMES ")]
+    outcomes = json.loads(line.removeprefix("OUTCOMES "))
+    assert len(outcomes) == len(commands)
+    for args, (code, err) in zip(commands, outcomes, strict=True):
+        assert code == 1, (args, err)
+        assert err.startswith("ucad: error: "), (args, err)
+        assert f"artifact store {str(store)!r} is not readable" in err, (args, err)
     assert snapshot(store) == before
 
 

@@ -1,4 +1,5 @@
 import logging
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -226,3 +227,106 @@ def test_masks_are_all_or_nothing(tmp_path):
     mixed = [*unmasked, TestSample(image, 1, mask, "cut")]
     with pytest.raises(ValueError, match="1 of 2 anomalous images have no mask"):
         load_test_set(mixed, Geometry(resize=32, crop=32))
+
+
+# --- modes the loader converts, with the RGB pixels they must give ------------------------------
+
+
+def test_cmyk_file_converts_to_rgb(tmp_path, caplog):
+    # Inks without black, or black alone: RGB = 255 - ink (or 255 - black). Pillow versions
+    # differ only where ink and black meet in one channel, which these pixels avoid.
+    cmyk = np.zeros((40, 40, 4), dtype=np.uint8)
+    cmyk[:, 10:20] = [255, 0, 0, 0]  # cyan ink only
+    cmyk[:, 20:30] = [0, 100, 50, 0]
+    cmyk[:, 30:] = [0, 0, 0, 100]  # black only: gray
+    Image.fromarray(cmyk, mode="CMYK").save(tmp_path / "c.tif")
+    with caplog.at_level(logging.INFO, logger="ucad.data.images"):
+        img = load_image(tmp_path / "c.tif")
+    out = np.asarray(img)
+    assert img.mode == "RGB" and out.shape == (40, 40, 3)
+    np.testing.assert_array_equal(
+        out[0, [0, 10, 20, 30]], [[255] * 3, [0, 255, 255], [255, 155, 205], [155] * 3]
+    )
+    assert "c.tif: converting CMYK image to RGB" in caplog.text
+
+
+def test_gray_with_alpha_drops_the_alpha(tmp_path):
+    la = np.zeros((40, 40, 2), dtype=np.uint8)
+    la[:, :20] = [100, 0]  # fully transparent: the gray value stays, nothing is composited
+    la[:, 20:] = [200, 128]
+    Image.fromarray(la, mode="LA").save(tmp_path / "la.png")
+    out = np.asarray(load_image(tmp_path / "la.png"))
+    assert out.shape == (40, 40, 3)
+    assert (out[:, :20] == 100).all() and (out[:, 20:] == 200).all()
+
+
+@pytest.mark.parametrize("transparency", ["index", "bytes"])
+def test_palette_with_transparency_keeps_the_palette_colours(tmp_path, transparency):
+    img = Image.fromarray(np.tile(np.array([0, 1, 2, 2], dtype=np.uint8), (40, 10)), mode="P")
+    img.putpalette([10, 20, 30, 200, 100, 50, 0, 255, 0] + [0] * 759)
+    # index 1 fully transparent, or per-entry alpha (a tRNS chunk of several bytes)
+    value = 1 if transparency == "index" else b"\xff\x00\x80"
+    img.save(tmp_path / "p.png", transparency=value)
+    with Image.open(tmp_path / "p.png") as check:
+        assert check.mode == "P" and "transparency" in check.info
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL warns when P+transparency goes straight to RGB
+        out = np.asarray(load_image(tmp_path / "p.png"))
+    np.testing.assert_array_equal(
+        out[0, :4], [[10, 20, 30], [200, 100, 50], [0, 255, 0]] + [[0, 255, 0]]
+    )
+    np.testing.assert_array_equal(out[39, :4], out[0, :4])
+
+
+# --- arrays through the Python API (README: "converts numpy arrays the same way") ---------------
+
+
+@pytest.fixture(scope="module")
+def inspector(tmp_path_factory, synth_root):
+    """An Inspector over a one-class model learned at 32 px: conversion, not accuracy."""
+    from ucad.cli import main
+    from ucad.inference import Inspector
+    from ucad.store import ArtifactStore
+
+    store = tmp_path_factory.mktemp("images") / "store"
+    settings = ("epochs=1", "image_size=32", "key_size=8", "knowledge_size=8", "workers=2")
+    args = ["add-task", "--model", "m", "--task", "grain", "--data", str(synth_root)]
+    args += ["--preset", "smoke", "--store", str(store), "--no-tracking"]
+    args += [item for setting in settings for item in ("--set", setting)]
+    assert main(args) == 0
+    return Inspector.load(ArtifactStore(store), "m")
+
+
+def test_uint16_array_is_scaled_like_a_16_bit_file(inspector, tmp_path):
+    values = np.array([0, 257, 257 * 100, 65535], dtype=np.uint16)
+    deep = np.tile(np.repeat(values, 12), (48, 1))  # 48 x 48, four vertical bands
+    expected = np.stack(
+        [np.tile(np.repeat(np.array([0, 1, 100, 255], np.uint8), 12), (48, 1))] * 3, -1
+    )
+    save(tmp_path / "deep.png", deep)
+    by_array, by_file, by_rgb = inspector.predict([deep, tmp_path / "deep.png", expected])
+    np.testing.assert_array_equal(np.asarray(by_array.image), expected)
+    np.testing.assert_array_equal(np.asarray(by_file.image), expected)
+    # what was scored is the converted image: the same score as the 8-bit RGB array
+    # (same pixels, other rows of one batch: equal up to float rounding)
+    assert by_array.score == pytest.approx(by_rgb.score, rel=1e-6)
+    assert by_file.score == pytest.approx(by_rgb.score, rel=1e-6)
+    np.testing.assert_allclose(by_array.map, by_rgb.map, rtol=1e-5, atol=1e-6)
+
+
+def test_rgba_array_drops_the_alpha(inspector):
+    rng = np.random.default_rng(3)
+    rgba = rng.integers(0, 256, (40, 56, 4), dtype=np.uint8)
+    rgba[..., 3] = rng.choice([0, 128, 255], (40, 56))
+    by_rgba, by_rgb = inspector.predict([rgba, np.ascontiguousarray(rgba[..., :3])])
+    assert by_rgba.image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(by_rgba.image), rgba[..., :3])
+    assert by_rgba.score == pytest.approx(by_rgb.score, rel=1e-6)
+    assert by_rgba.map.shape == (40, 56)
+    np.testing.assert_allclose(by_rgba.map, by_rgb.map, rtol=1e-5, atol=1e-6)
+
+
+def test_gray_array_is_replicated(inspector):
+    gray = np.arange(48 * 48, dtype=np.uint8).reshape(48, 48)
+    (result,) = inspector.predict([gray])
+    np.testing.assert_array_equal(np.asarray(result.image), np.stack([gray] * 3, -1))

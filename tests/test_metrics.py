@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 from scipy import ndimage
-from sklearn.metrics import average_precision_score, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from ucad.metrics import (
     METRICS,
@@ -276,3 +276,63 @@ def test_results_matrix_partial_run_and_errors():
         matrix.set(1, 0, {"image_aurc": 0.9})
     with pytest.raises(ValueError, match="no results"):
         ResultsMatrix(2).as_json()
+
+
+# --- F1-max against scikit-learn, and test sets without defect pixels ------------------------
+
+
+def sklearn_f1max(scores: np.ndarray, labels: np.ndarray) -> float:
+    precision, recall, _ = precision_recall_curve(labels, scores)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = 2 * precision * recall / (precision + recall)
+    return float(np.nanmax(f1))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_f1max_matches_sklearn_precision_recall_curve(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 400))
+    levels = int(rng.integers(2, 30))  # few distinct values: many ties, across both classes
+    scores = rng.integers(0, levels, n).astype(np.float32) / levels
+    labels = rng.random(n) < rng.uniform(0.05, 0.6)
+    labels[0] = True  # at least one positive
+    expected = sklearn_f1max(scores, labels)
+    assert f1_max(scores, labels) == pytest.approx(expected, rel=1e-12)
+    # continuous scores (no ties) as well
+    smooth = rng.normal(size=n) + labels
+    assert f1_max(smooth, labels) == pytest.approx(sklearn_f1max(smooth, labels), rel=1e-12)
+    result = task_metrics(scores, labels, MAPS, MASKS, np.zeros(n, int), 0)
+    assert result["image_f1max"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_f1max_ties_enter_together():
+    # One tie group holding one positive and three negatives: F1 at t=0.5 is 2*1/(4+1) = 0.4.
+    # A curve splitting the tie (positive first) would reach 2*1/(1+1) = 1.0.
+    scores = np.array([0.5, 0.5, 0.5, 0.5, 0.1])
+    labels = np.array([1, 0, 0, 0, 0])
+    assert f1_max(scores, labels) == pytest.approx(0.4)
+    assert sklearn_f1max(scores, labels) == pytest.approx(0.4)
+
+
+def test_pixel_metrics_without_defect_pixels_are_nan():
+    maps = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
+    clean = np.zeros((3, 8, 8), bool)
+    assert math.isnan(pixel_auroc(maps, clean))
+    assert math.isnan(pixel_ap(maps, clean))
+    assert math.isnan(aupro(maps, clean))
+    # in the per-task bundle: image metrics defined, pixel metrics NaN (not 0, not an error)
+    scores, labels = np.array([0.1, 0.4, 0.35]), np.array([0, 1, 0])
+    result = task_metrics(scores, labels, maps, clean, np.array([2, 2, 2]), 2)
+    assert result["image_auroc"] == pytest.approx(1.0)
+    assert result["routing_accuracy"] == 1.0
+    for metric in ("pixel_auroc", "pixel_ap", "aupro"):
+        assert isinstance(result[metric], float) and math.isnan(result[metric])
+    # and in the results matrix they become null, with final and forgetting null too
+    matrix = ResultsMatrix(2, metrics=("pixel_ap", "image_auroc"))
+    for t, j in ((0, 0), (1, 0), (1, 1)):
+        matrix.set(t, j, {"pixel_ap": result["pixel_ap"], "image_auroc": 0.5 + 0.1 * t})
+    out = matrix.as_json()
+    assert out["matrix"]["pixel_ap"] == [[None, None], [None, None]]
+    assert out["final"]["pixel_ap"] is None and out["forgetting"]["pixel_ap"] is None
+    assert out["final"]["image_auroc"] == pytest.approx(0.6)
+    json.dumps(out, allow_nan=False)

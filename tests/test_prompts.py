@@ -49,11 +49,32 @@ def test_training_lowers_the_loss_and_is_reproducible():
     torch.testing.assert_close(prompts, again)
 
 
-def test_zero_epochs_keeps_the_seeded_initialisation():
+def seeded_uniform(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """uniform(-1, 1) drawn from a generator seeded with `seed`, as METHOD.md initialises."""
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+def test_zero_epochs_keeps_the_seeded_initialisation(seed):
     images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
-    config = load_config("smoke", overrides={"epochs": 0})
+    config = load_config("smoke", overrides={"epochs": 0, "seed": seed})
     prompts = train_prompts(tiny_backbone(), images, np.zeros((2, 16), dtype=int), config)
     assert prompts.min() >= -1 and prompts.max() <= 1
+    # exactly the config seed's draw: the seed reaches the initialisation, nothing else does
+    torch.testing.assert_close(prompts, seeded_uniform((2, 2, 1, 16), seed), rtol=0, atol=0)
+    assert not torch.equal(prompts, seeded_uniform((2, 2, 1, 16), seed + 1))
+
+
+def test_additive_prompts_start_from_the_same_seeded_draw():
+    torch.manual_seed(0)
+    vit = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=16, depth=2, num_heads=2
+    )
+    backbone = PromptedViT(vit, feature_layer=1, prompt_mode="additive")
+    config = load_config("smoke", overrides={"epochs": 0, "seed": 3})
+    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    prompts = train_prompts(backbone, images, np.zeros((2, 16), dtype=int), config)
+    torch.testing.assert_close(prompts, seeded_uniform((2, 16), 3), rtol=0, atol=0)
 
 
 def test_mismatched_structure_maps_are_an_error():

@@ -1,8 +1,10 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from ucad.scoring import (
     anomaly_maps,
@@ -141,9 +143,42 @@ def test_anomaly_map_sigma_zero_is_bilinear_by_hand():
     torch.testing.assert_close(heat, upsampled[:, 0])
 
 
+def scipy_blur(maps: torch.Tensor, sigma: float, radius: tuple[int, int]) -> np.ndarray:
+    """scipy's Gaussian filter per map: `mirror` borders (the edge pixel is not repeated)."""
+    return np.stack(
+        [ndimage.gaussian_filter(m, sigma, mode="mirror", radius=radius) for m in maps.double()]
+    )
+
+
+@pytest.mark.parametrize(
+    ("grid", "size", "sigma"),
+    [((14, 14), 224, 4.0), ((3, 5), (40, 56), 2.0), ((4, 4), 28, 1.3), ((16, 12), (16, 12), 2.0)],
+)
+def test_anomaly_map_blur_is_scipys_gaussian_filter(generator, grid, size, sigma):
+    scores = torch.rand(2, grid[0] * grid[1], generator=generator) * 10
+    upsampled = anomaly_maps(scores, grid, size, sigma=0)
+    blurred = anomaly_maps(scores, grid, size, sigma=sigma)
+    radius = math.ceil(4 * sigma)  # the documented kernel radius, on both axes
+    expected = scipy_blur(upsampled, sigma, (radius, radius))
+    np.testing.assert_allclose(blurred.numpy(), expected, rtol=1e-5, atol=1e-5)
+    if radius == int(4 * sigma + 0.5):  # then scipy's own truncate=4 gives the same kernel
+        default_truncate = np.stack(
+            [ndimage.gaussian_filter(m, sigma, mode="mirror") for m in upsampled.double()]
+        )
+        np.testing.assert_allclose(blurred.numpy(), default_truncate, rtol=1e-5, atol=1e-5)
+    # the comparison sees the borders: scipy's default `reflect` (edge pixel repeated) differs
+    # by far more than the tolerance (at grid == size the map is not smoothed by upsampling)
+    reflected = np.stack([ndimage.gaussian_filter(m, sigma) for m in upsampled.double()])
+    assert np.abs(blurred.numpy() - reflected).max() > (0.1 if grid == size else 1e-4)
+
+
 def test_anomaly_map_blur_on_tiny_maps_and_bad_input():
-    heat = anomaly_maps(torch.rand(2, 4), (2, 2), 4, sigma=4.0)  # radius 16 capped at 3
+    scores = torch.rand(2, 4)
+    heat = anomaly_maps(scores, (2, 2), 4, sigma=4.0)  # radius 16 capped at 3
     assert heat.shape == (2, 4, 4) and torch.isfinite(heat).all()
+    # the capped kernel is still a mirror-bordered Gaussian, normalised over its 7 taps
+    expected = scipy_blur(anomaly_maps(scores, (2, 2), 4, sigma=0), 4.0, (3, 3))
+    np.testing.assert_allclose(heat.numpy(), expected, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="grid"):
         anomaly_maps(torch.rand(2, 5), (2, 2), 4)
     with pytest.raises(ValueError, match="sigma"):

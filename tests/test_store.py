@@ -1,6 +1,8 @@
+import ctypes
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,14 +15,13 @@ import numpy as np
 import pytest
 import zarr
 
+from ucad.digests import digest, fingerprint_files
 from ucad.store import (
     DEFAULT_ROOT,
     ENV_VAR,
     ArtifactStore,
     ModelVersionConflict,
     StoreError,
-    digest,
-    fingerprint_files,
     resolve_root,
 )
 
@@ -85,16 +86,64 @@ def test_unknown_url_protocol_is_a_clear_error():
         ArtifactStore("nosuchfs://x")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder")
+# Root reads any folder, so a permission check is run in a child process held to file
+# permissions as an ordinary user is: as root, the child loses the two capabilities that let root
+# ignore them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) from its bounding set before it starts, so
+# it keeps no way to regain them. Dropping to `nobody` instead would also lock the child out of
+# an interpreter installed under /root. As an ordinary user the child simply runs as that user.
+_PR_CAPBSET_DROP = 24
+_FILE_PERMISSION_CAPABILITIES = (1, 2)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+
+
+def _without_root_file_access() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in _FILE_PERMISSION_CAPABILITIES:
+        if libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def run_as_ordinary_user(code: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -c code args...` held to file permissions; stdout and stderr captured."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        preexec_fn=_without_root_file_access if os.geteuid() == 0 else None,
+    )
+
+
+UNREADABLE_ROOT = """
+import os, sys
+from ucad.store import ArtifactStore, StoreError
+root = sys.argv[1]
+try:
+    os.listdir(root)
+except PermissionError:
+    pass
+else:
+    sys.exit("this process can read a folder of mode 000: the check would prove nothing")
+try:
+    ArtifactStore(root)
+except StoreError as err:
+    print(err)
+else:
+    sys.exit("ArtifactStore accepted an unreadable root")
+"""
+
+
 def test_unreadable_root_is_a_clear_error(tmp_path):
     root = tmp_path / "locked"
     root.mkdir()
     root.chmod(0)
     try:
-        with pytest.raises(StoreError, match="locked.*permission denied"):
-            ArtifactStore(root)
+        child = run_as_ordinary_user(UNREADABLE_ROOT, str(root))
     finally:
         root.chmod(0o755)
+    assert child.returncode == 0, child.stderr
+    assert re.search(r"locked.*permission denied", child.stdout), child.stdout
+    assert f"artifact store {str(root)!r} is not readable" in child.stdout
 
 
 def test_missing_root_is_an_empty_store(tmp_path):
