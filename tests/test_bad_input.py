@@ -5,20 +5,17 @@ Formats that convert safely (grayscale, RGBA, 16-bit, palette) are accepted and 
 """
 
 import ast
-import ctypes
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from ordinary_user import run_as_ordinary_user
 from PIL import Image
 
 from ucad.cli import main
@@ -343,13 +340,8 @@ def test_store_url_without_a_filesystem_is_refused(capsys, tmp_path, data):
     assert "cannot open artifact store 'nosuch://bucket/ucad'" in err
 
 
-# Root reads any folder, so the permission check runs in a child process held to file
-# permissions as an ordinary user is: as root, the child loses the two capabilities that let root
-# ignore them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) from its bounding set before it starts.
-# (Dropping to `nobody` would also lock the child out of an interpreter installed under /root.)
-_PR_CAPBSET_DROP = 24
-_FILE_PERMISSION_CAPABILITIES = (1, 2)
-
+# Root reads any folder: the permission check runs in a child held to file permissions
+# (tests/ordinary_user.py).
 UNREADABLE_STORE = """
 import contextlib, io, json, os, sys
 from ucad.cli import main
@@ -368,25 +360,6 @@ for args in json.loads(sys.argv[2]):
     outcomes.append([code, err.getvalue()])
 print("OUTCOMES " + json.dumps(outcomes))
 """
-
-
-def _without_root_file_access() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in _FILE_PERMISSION_CAPABILITIES:
-        if libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
-def run_as_ordinary_user(code: str, *args: str) -> subprocess.CompletedProcess:
-    """`python -c code args...` held to file permissions; stdout and stderr captured."""
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).parents[1],
-        timeout=300,
-        preexec_fn=_without_root_file_access if os.geteuid() == 0 else None,
-    )
 
 
 def test_unreadable_store_is_refused(store, data):

@@ -1,4 +1,3 @@
-import ctypes
 import hashlib
 import json
 import os
@@ -14,6 +13,7 @@ import fsspec
 import numpy as np
 import pytest
 import zarr
+from ordinary_user import run_as_ordinary_user
 
 from ucad.digests import digest, fingerprint_files
 from ucad.store import (
@@ -84,34 +84,6 @@ def test_root_that_is_a_file_is_a_clear_error(tmp_path):
 def test_unknown_url_protocol_is_a_clear_error():
     with pytest.raises(StoreError, match="nosuchfs://x"):
         ArtifactStore("nosuchfs://x")
-
-
-# Root reads any folder, so a permission check is run in a child process held to file
-# permissions as an ordinary user is: as root, the child loses the two capabilities that let root
-# ignore them (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH) from its bounding set before it starts, so
-# it keeps no way to regain them. Dropping to `nobody` instead would also lock the child out of
-# an interpreter installed under /root. As an ordinary user the child simply runs as that user.
-_PR_CAPBSET_DROP = 24
-_FILE_PERMISSION_CAPABILITIES = (1, 2)  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-
-
-def _without_root_file_access() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    for capability in _FILE_PERMISSION_CAPABILITIES:
-        if libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
-
-
-def run_as_ordinary_user(code: str, *args: str) -> subprocess.CompletedProcess:
-    """`python -c code args...` held to file permissions; stdout and stderr captured."""
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=120,
-        preexec_fn=_without_root_file_access if os.geteuid() == 0 else None,
-    )
 
 
 UNREADABLE_ROOT = """

@@ -1,3 +1,3 @@
 """ucad: unsupervised continual anomaly detection with contrastively-learned prompts."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

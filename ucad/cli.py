@@ -15,12 +15,12 @@ from typing import Any
 
 import yaml
 
-from ucad.config import PRESETS, load_config
+from ucad.cli_store import add_store_commands
+from ucad.config import PRESETS, ROUTINGS, load_config
 from ucad.data.datasets import FORMATS
+from ucad.export import add_export_parser
 
 log = logging.getLogger("ucad")
-
-ROUTINGS = ("agnostic", "oracle")  # ucad.stages.evaluate.ROUTINGS, without importing torch
 
 
 def _parse_set(items: Sequence[str]) -> dict[str, Any]:
@@ -133,73 +133,6 @@ def cmd_benchmark(args: argparse.Namespace) -> None:
     _run(args, request, "benchmark")
 
 
-def cmd_models(args: argparse.Namespace) -> None:
-    from ucad.manifest import ManifestError, load_version
-
-    store = _store(args)
-    names = store.models()
-    if not names:
-        print(f"no models in {store.root}")
-    for name in names:
-        print(name)
-        for number in store.model_versions(name):
-            try:
-                version = load_version(store, name, number)
-            except ManifestError as err:
-                print(f"  v{number}  DAMAGED: {err}")
-                continue
-            config = version.config
-            print(
-                f"  v{number}  {version.created_utc}  {config.backbone}, {config.structure}, "
-                f"{config.epochs} epochs, seed {config.seed}: {', '.join(version.task_names)}"
-            )
-
-
-def cmd_models_rm(args: argparse.Namespace) -> None:
-    store = _store(args)
-    versions = store.remove_model(args.name)
-    print(
-        f"removed model {args.name} ({len(versions)} version(s)); its stage artifacts stay "
-        "until `ucad store prune --unreferenced`"
-    )
-
-
-def cmd_store_verify(args: argparse.Namespace) -> None:
-    from ucad.verify import repair, verify_store
-
-    store = _store(args)
-    problems = verify_store(store, args.model)
-    scope = f"model {args.model}" if args.model else f"store {store.root}"
-    if not problems:
-        print(f"{scope}: every artifact and model version verified")
-        return
-    for problem in problems:
-        print(f"DAMAGED  {problem}")
-    if args.repair:
-        moved = repair(store, problems)
-        print(
-            f"moved {len(moved)} damaged artifact(s) aside (under damaged/); the next run that "
-            "needs them computes them again. Damaged model manifests must be fixed or removed "
-            "by hand (ucad models rm)."
-        )
-    raise VerificationFailed(f"{scope}: {len(problems)} problem(s) found")
-
-
-def cmd_store_prune(args: argparse.Namespace) -> None:
-    from ucad.verify import prune
-
-    store = _store(args)
-    removed = prune(store, args.older_than * 3600, args.unreferenced, args.dry_run)
-    verb = "would remove" if args.dry_run else "removed"
-    for path in removed:
-        print(f"{verb}  {path}")
-    print(f"{verb} {len(removed)} item(s) from {store.root}")
-
-
-class VerificationFailed(RuntimeError):
-    """`store verify` found damage: exit 1 after the list."""
-
-
 def cmd_bench(args: argparse.Namespace) -> None:
     from ucad.bench import bench_settings, run_bench
     from ucad.bench_report import format_report
@@ -241,7 +174,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from ucad.inference import Inspector, predict_files
 
     thresholds = _parse_thresholds(args.threshold)
-    inspector = Inspector.load(_store(args), args.model, thresholds, args.device, args.batch_size)
+    if args.onnx:
+        from ucad.onnx_inspector import load_onnx_inspector
+
+        if args.device or args.batch_size:
+            raise ValueError("--device and --batch-size apply to --model, not --onnx")
+        inspector = load_onnx_inspector(args.onnx, thresholds)
+    else:
+        store = _store(args)
+        inspector = Inspector.load(store, args.model, thresholds, args.device, args.batch_size)
     records = []
     for record in predict_files(inspector, args.paths, args.out):
         records.append(record)
@@ -341,8 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         "predict", help="score images with a model version: class, score, decision, heat map"
     )
     predict.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image or folder")
-    predict.add_argument(
-        "--model", required=True, metavar="NAME[@VERSION]", help="default version: the latest"
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="NAME[@VERSION]", help="default version: the latest")
+    source.add_argument(
+        "--onnx",
+        type=Path,
+        metavar="DIR",
+        help="an export folder (`ucad export`), run with onnxruntime on the CPU",
     )
     predict.add_argument(
         "--out", type=Path, metavar="DIR", help="write a heat-map overlay PNG per image here"
@@ -361,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", type=Path, metavar="OUT", help="write one record per image to this JSON file"
     )
     predict.set_defaults(run=cmd_predict)
+
+    add_export_parser(commands)
 
     speed = commands.add_parser(
         "bench",
@@ -389,47 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--json", type=Path, help="write all figures to this JSON file")
     speed.set_defaults(run=cmd_bench)
 
-    models = commands.add_parser("models", help="list models, their versions and classes")
-    _add_store_arg(models)
-    models.set_defaults(run=cmd_models)
-    model_commands = models.add_subparsers(dest="models_command", metavar="COMMAND")
-    remove = model_commands.add_parser("rm", help="remove every version of a model")
-    remove.add_argument("name", help="model name")
-    _add_store_arg(remove)
-    remove.set_defaults(run=cmd_models_rm)
-
-    store = commands.add_parser("store", help="check and clean the artifact store")
-    store_commands = store.add_subparsers(dest="store_command", required=True, metavar="COMMAND")
-    verify = store_commands.add_parser(
-        "verify", help="check every artifact and model version; exit 1 if any is damaged"
-    )
-    verify.add_argument("--model", help="only this model and the artifacts it names")
-    verify.add_argument(
-        "--repair",
-        action="store_true",
-        help="move damaged artifacts aside; the next run that needs them computes them again",
-    )
-    _add_store_arg(verify)
-    verify.set_defaults(run=cmd_store_verify)
-    prune = store_commands.add_parser(
-        "prune", help="remove what killed runs left behind (and, on request, unused artifacts)"
-    )
-    prune.add_argument(
-        "--older-than",
-        type=float,
-        default=24.0,
-        metavar="HOURS",
-        help="temporaries of writers on other hosts are removed after this age (default 24); "
-        "on this host, as soon as their writer process is gone",
-    )
-    prune.add_argument(
-        "--unreferenced",
-        action="store_true",
-        help="also remove stage artifacts that no model version names or could evaluate with",
-    )
-    prune.add_argument("--dry-run", action="store_true", help="list, remove nothing")
-    _add_store_arg(prune)
-    prune.set_defaults(run=cmd_store_prune)
+    add_store_commands(commands, _add_store_arg)
     return parser
 
 

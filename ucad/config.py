@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# How a test image finds its class: by its keys (the method), or told the true one (diagnostic).
+Routing = Literal["agnostic", "oracle"]
+ROUTINGS: tuple[Routing, ...] = get_args(Routing)
 
 
 class Config(BaseModel):

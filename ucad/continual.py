@@ -16,18 +16,14 @@ Prefect tasks from `flows/`. Data flow of one add-task (README, "How the code is
 from __future__ import annotations
 
 import logging
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
-import torch
-
-from ucad import __version__
 from ucad.calibration import calibration_split
-from ucad.config import Config
+from ucad.config import ROUTINGS, Config, Routing
 from ucad.data.datasets import DatasetFormat, TaskData, list_tasks, read_task
 from ucad.data.images import MIN_SIZE, Geometry, load_images, load_test_set
 from ucad.data.source import DataUnavailableError, TaskSource
@@ -41,8 +37,9 @@ from ucad.manifest import (
 )
 from ucad.metrics import METRICS, ResultsMatrix
 from ucad.pipeline import Runtime, StageRecord
+from ucad.provenance import library_versions
 from ucad.stages.calibrate import run_calibrate
-from ucad.stages.evaluate import ROUTINGS, Routing, run_evaluate
+from ucad.stages.evaluate import run_evaluate
 from ucad.stages.keys import run_keys
 from ucad.stages.knowledge import run_knowledge
 from ucad.stages.prompts import run_prompts
@@ -117,11 +114,6 @@ class RunResult:
             "stages": [record.as_json() for record in self.stages],
             "versions": library_versions(),
         }
-
-
-def library_versions() -> dict[str, str]:
-    """The versions every run records (JSON, MLflow, the benchmark report)."""
-    return {"ucad": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
 @dataclass(frozen=True)

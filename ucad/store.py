@@ -17,14 +17,9 @@ Only Zarr arrays and JSON are ever read back; nothing is unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
 import re
-import socket
-import sys
-import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -37,24 +32,26 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
 
-from ucad import __version__ as _ucad_version
 from ucad.digests import array_checksum, canonical_json
 from ucad.names import NAME, validate_name
+from ucad.store_files import (
+    Temporary,
+    attrs_checksum,
+    create_exclusive,
+    files_problem,
+    fsync_dir,
+    fsync_tree,
+    numeric_array,
+    owner,
+    provenance,
+    seal_problem,
+    user_attrs,
+)
 
 DEFAULT_ROOT = "artifacts"
 ENV_VAR = "UCAD_STORE"
 
 _VERSION_FILE = re.compile(r"v(\d{4,})\.json")
-_PROVENANCE_KEYS = (
-    "stage",
-    "digest",
-    "created_utc",
-    "library_versions",
-    "complete",
-    "checksums",
-    "files",
-    "attrs_sha256",
-)
 ROOT_METADATA = "zarr.json"
 REPAIR_HINT = (
     "run `ucad store verify --repair` to move it aside; "
@@ -192,17 +189,17 @@ class ArtifactStore:
         final = self._final(stage, digest)
         if self._open(stage, digest) is not None:
             return self.get(stage, digest)
-        checked = {validate_name(n, "array name"): _numeric_array(n, a) for n, a in arrays.items()}
+        checked = {validate_name(n, "array name"): numeric_array(n, a) for n, a in arrays.items()}
         checksums = {name: array_checksum(array) for name, array in checked.items()}
-        attributes = {**_user_attrs(attrs), **_provenance(stage, digest), "checksums": checksums}
-        tmp = self._join(".tmp", f"{stage}-{digest}-{_owner()}-{uuid.uuid4().hex[:8]}.zarr")
+        attributes = {**user_attrs(attrs), **provenance(stage, digest), "checksums": checksums}
+        tmp = self._join(".tmp", f"{stage}-{digest}-{owner()}-{uuid.uuid4().hex[:8]}.zarr")
         try:
             group = zarr.create_group(store=self._zarr_store(tmp), attributes=attributes)
             for name, array in checked.items():
                 _write_array(group, name, array)
             sealed = {**attributes, "files": self._file_sizes(tmp), "complete": True}
             # written last: only a finished group carries the marker
-            group.attrs.update({**sealed, "attrs_sha256": _attrs_checksum(sealed)})
+            group.attrs.update({**sealed, "attrs_sha256": attrs_checksum(sealed)})
             self._publish(tmp, final)
         finally:
             if self._fs.exists(tmp):
@@ -249,7 +246,7 @@ class ArtifactStore:
 
     def remove(self, stage: str, digest: str) -> None:
         """Delete an artifact: moved aside first, so no reader ever sees half of it."""
-        trash = self._join(".tmp", f"discard-{_owner()}-{uuid.uuid4().hex[:8]}")
+        trash = self._join(".tmp", f"discard-{owner()}-{uuid.uuid4().hex[:8]}")
         self._move(self._final(stage, digest), trash)
         self._fs.rm(trash, recursive=True)
 
@@ -320,7 +317,7 @@ class ArtifactStore:
         path = self._version_path(name, version)
         try:
             if self._local:
-                _create_exclusive(path, data)
+                create_exclusive(path, data)
             else:
                 self._fs.pipe_file(path, data, mode="create")
         except FileExistsError:
@@ -432,7 +429,7 @@ class ArtifactStore:
             return None
         attrs = group.attrs.asdict()
         artifact = Artifact(stage, digest, self._url(path), attrs, group)
-        problem = _seal_problem(attrs) or _files_problem(attrs["files"], self._file_sizes(path))
+        problem = seal_problem(attrs) or files_problem(attrs["files"], self._file_sizes(path))
         if problem:
             raise DamagedArtifactError(f"{artifact.describe()}: {problem}; {REPAIR_HINT}")
         return artifact
@@ -478,11 +475,11 @@ class ArtifactStore:
 
     def _publish_by_rename(self, tmp: str, final: str) -> None:
         os.makedirs(os.path.dirname(final), exist_ok=True)
-        _fsync_tree(tmp)  # contents on disk before the rename makes them visible
+        fsync_tree(tmp)  # contents on disk before the rename makes them visible
         if os.path.exists(final) and self._open_complete(final) is None:
             # An unfinished group at the final path is never trusted. Move it aside atomically
             # before deleting, so a concurrent publish never sees a half-deleted group there.
-            trash = self._join(".tmp", f"discard-{_owner()}-{uuid.uuid4().hex[:8]}")
+            trash = self._join(".tmp", f"discard-{owner()}-{uuid.uuid4().hex[:8]}")
             os.rename(final, trash)
             self._fs.rm(trash, recursive=True)
         try:
@@ -491,7 +488,7 @@ class ArtifactStore:
             if self._open_complete(final) is None:
                 raise
             # Another writer published this digest first; its artifact is equivalent to ours.
-        _fsync_dir(os.path.dirname(final))  # the rename itself survives a power cut
+        fsync_dir(os.path.dirname(final))  # the rename itself survives a power cut
 
     def _publish_by_copy(self, tmp: str, final: str) -> None:
         # Overwrite key by key (each object write is atomic) and never delete at the final path,
@@ -501,134 +498,7 @@ class ArtifactStore:
             self._fs.copy(source, final + source[len(tmp) :])
 
 
-def _numeric_array(name: str, value: Any) -> np.ndarray:
-    array = np.asarray(value)
-    if array.dtype.kind not in "biufc":
-        raise ValueError(
-            f"array {name!r} has dtype {array.dtype}: the store keeps numeric and boolean arrays "
-            "only; put text and other small metadata in attrs"
-        )
-    return array
-
-
-def _user_attrs(attrs: Mapping[str, Any] | None) -> dict[str, Any]:
-    user = dict(attrs or {})
-    reserved = sorted(set(user) & set(_PROVENANCE_KEYS))
-    if reserved:
-        raise ValueError(f"attrs {reserved} are reserved for the store's provenance")
-    return json.loads(canonical_json(user, "artifact attrs"))
-
-
-def _provenance(stage: str, digest: str) -> dict[str, Any]:
-    versions = {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "zarr": zarr.__version__,
-        "ucad": _ucad_version,
-    }
-    if "torch" in sys.modules:  # recorded only when the stage used it; never imported here
-        versions["torch"] = str(sys.modules["torch"].__version__)
-    return {
-        "stage": stage,
-        "digest": digest,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "library_versions": versions,
-        "complete": False,
-    }
-
-
 def _write_array(group: zarr.Group, name: str, array: np.ndarray) -> None:
     # Every chunk gets a key, even all-fill ones, so a group republished over an unfinished one
     # (remote copy) never keeps a stale chunk from the earlier attempt.
     group.create_array(name, data=array, config={"write_empty_chunks": True})
-
-
-def _create_exclusive(path: str, data: bytes) -> None:
-    """Create ``path`` with ``data`` or raise FileExistsError; never leaves a partial file there."""
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{_owner()}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)  # atomic, and fails if path exists
-    finally:
-        os.unlink(tmp)
-    _fsync_dir(directory)
-
-
-def _fsync_tree(path: str) -> None:
-    """Flush every file and folder under `path` to disk."""
-    for folder, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(folder)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _owner() -> str:
-    """host and pid of this process, in temporary names: `store prune` keeps those still alive."""
-    return f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
-
-
-@dataclass(frozen=True)
-class Temporary:
-    """A write in progress, or one a killed run left behind."""
-
-    path: str
-    name: str  # <stage>-<digest>-<host>-<pid>-<random>.zarr, discard-<host>-<pid>-..., ...
-    modified: float | None  # POSIX time of its last change, where the filesystem tells
-
-    def writer_alive(self) -> bool | None:
-        """Whether the process that made it still runs: None when it cannot be told (another
-        host, or a name without an owner)."""
-        match = re.search(r"(?:^|-)([A-Za-z0-9_.]+)-(\d+)-[0-9a-z]+(?:\.zarr|\.tmp)?$", self.name)
-        if not match or match.group(1) != socket.gethostname().replace("-", "_"):
-            return None
-        try:
-            os.kill(int(match.group(2)), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # exists, owned by another user
-            return True
-        return True
-
-
-def _attrs_checksum(attrs: Mapping[str, Any]) -> str:
-    payload = {k: v for k, v in attrs.items() if k != "attrs_sha256"}
-    return hashlib.sha256(canonical_json(payload, "artifact attrs").encode()).hexdigest()
-
-
-def _seal_problem(attrs: Mapping[str, Any]) -> str | None:
-    if "checksums" not in attrs or "files" not in attrs or "attrs_sha256" not in attrs:
-        return "it carries no checksums (written by ucad 0.1, or altered)"
-    if _attrs_checksum(attrs) != attrs["attrs_sha256"]:
-        return "its attributes do not match their checksum (the metadata was altered)"
-    return None
-
-
-def _files_problem(recorded: Mapping[str, int], found: Mapping[str, int]) -> str | None:
-    missing = sorted(set(recorded) - set(found))
-    if missing:
-        return f"{len(missing)} file(s) missing, e.g. {missing[0]}"
-    resized = sorted(k for k in recorded if found[k] != recorded[k])
-    if resized:
-        name = resized[0]
-        return f"file {name} has {found[name]} bytes, {recorded[name]} when published"
-    extra = sorted(set(found) - set(recorded))
-    if extra:
-        return f"unexpected file(s), e.g. {extra[0]}"
-    return None

@@ -11,11 +11,11 @@ so each new version costs routing for the new class's keys, not a re-evaluation 
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
 
 import numpy as np
 import torch
 
+from ucad.config import ROUTINGS, Routing
 from ucad.data.source import TaskSource
 from ucad.manifest import ModelVersion
 from ucad.metrics import json_float, task_metrics
@@ -24,9 +24,6 @@ from ucad.scoring import anomaly_maps
 from ucad.stages.features import FEATURES, run_features
 from ucad.stages.routing import ROUTING, run_routing
 from ucad.stages.scores import SCORES, run_scores
-
-Routing = Literal["agnostic", "oracle"]
-ROUTINGS: tuple[Routing, ...] = ("agnostic", "oracle")
 
 EVALUATE = Stage(
     "evaluate", "2", ("image_size", "blur_sigma"), consumes=(FEATURES, ROUTING, SCORES)
