@@ -31,20 +31,26 @@ from segment_anything import sam_model_registry
 from torch import Tensor
 
 from ucad import __version__, scoring
-from ucad.backbone import PromptedViT
+from ucad.bench_method import paper_class_seconds, precision_figures
+from ucad.bench_passes import forward_passes, training_passes, warm_up
 from ucad.calibration import calibration_split
 from ucad.config import Config, load_config
 from ucad.continual import AddTask, LocalRunner, StageRunner
 from ucad.data.datasets import read_task
 from ucad.data.synth import generate
-from ucad.device import autocast
 from ucad.manifest import TaskEntry, load_version
 from ucad.memory import TaskMemory, score_images
 from ucad.pipeline import Runtime, StageRecord
 from ucad.provenance import peak_rss_bytes, reset_peak_rss
 from ucad.stages.features import extract_features
 from ucad.store import ArtifactStore
-from ucad.structure import SAM_CHECKPOINTS, SamStructure, default_cache_dir
+from ucad.structure import (
+    SAM_CHECKPOINTS,
+    BatchedSamStructure,
+    SamStructure,
+    compare_with_reference,
+    default_cache_dir,
+)
 
 MODEL = "bench"
 FORMAT = "mvtec"
@@ -56,6 +62,10 @@ FLOOR_TARGETS = {"keys": 1.2, "prompts": 1.3, "knowledge": 1.2, "inference": 1.3
 KEY_SEARCH_SHARE_TARGET = 0.10  # key search with 100 classes, as a share of inference
 RERUN_TARGET = 0.02  # identical rerun through the cached pipeline, as a share of the first run
 BYTES_PER_CLASS_TARGET = 1.3e6  # keys + prompts + knowledge on disk, at the paper preset
+BF16_SPEEDUP_TARGETS = {"epoch": 1.5, "inference": 1.8}  # on hardware with native bf16
+FLAT_EVALUATION_TARGET = 1.5  # evaluate seconds of the last stream step / the first
+STRUCTURE_SPEEDUP_TARGET = 10.0  # segment-anything's generator seconds / ours, same images
+STRUCTURE_AGREEMENT_TARGET = 0.95  # Rand index of the two partitions at the patch grid
 # Fields that fix the size of a class's memory: the byte target applies when they are the paper's.
 MEMORY_FIELDS = ("backbone", "feature_layer", "image_size", "prompt_mode", "prompt_length")
 MEMORY_FIELDS += ("key_size", "knowledge_size")
@@ -127,50 +137,6 @@ class MeteredRunner:
         return result
 
 
-# Floors: the bare backbone passes ----------------------------------------------------------------
-
-
-@torch.inference_mode()
-def forward_passes(
-    backbone: PromptedViT, images: np.ndarray, prompts: Tensor | None, batch_size: int
-) -> None:
-    """Frozen (prompts None) or prompted passes over `images`, outputs discarded."""
-    device = backbone.mean.device
-    prompts = None if prompts is None else prompts.to(device)
-    for start in range(0, len(images), batch_size):
-        batch = backbone.prepare(images[start : start + batch_size], device)
-        with autocast(device, backbone.compute_dtype):
-            backbone.features(batch, prompts)
-
-
-def training_passes(
-    backbone: PromptedViT, images: np.ndarray, prompts: Tensor, batch_size: int
-) -> None:
-    """Prompted forward and backward (to the prompts) over `images`: one epoch's floor."""
-    device = backbone.mean.device
-    prompts = prompts.detach().to(device).clone().requires_grad_(True)
-    for start in range(0, len(images), batch_size):
-        batch = backbone.prepare(images[start : start + batch_size], device)
-        with autocast(device, backbone.compute_dtype):
-            features = backbone.features(batch, prompts)
-        features.float().sum().backward()
-
-
-def _warm_up(backbone: PromptedViT, config: Config) -> None:
-    """Run one batch of each kind, at the run's batch sizes, before anything is measured.
-
-    No measured block then pays one-time set-up: kernel selection, the first allocation of each
-    buffer size (a long-running worker pays these once, not per stage).
-    """
-    generator = torch.Generator().manual_seed(config.seed)
-    shape = (config.inference_batch_size, config.image_size, config.image_size, 3)
-    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator).numpy()
-    prompts = backbone.init_prompts(generator)
-    for prompt in (None, prompts):
-        forward_passes(backbone, images, prompt, config.inference_batch_size)
-    training_passes(backbone, images[: config.batch_size], prompts, config.batch_size)
-
-
 # Figures -----------------------------------------------------------------------------------------
 
 
@@ -213,19 +179,21 @@ def _finite(value: float) -> float | None:
 
 @dataclass(frozen=True)
 class Target:
-    """One checked figure: met when `value <= limit`; None when it does not apply."""
+    """One checked figure: met when `value <= limit` (`value >= limit` for an `at_least`
+    target); None when it does not apply."""
 
     name: str
     value: float | None
     limit: float
     applies: bool = True
     why_not: str = ""
+    at_least: bool = False
 
     @property
     def met(self) -> bool | None:
         if not self.applies or self.value is None:
             return None
-        return self.value <= self.limit
+        return self.value >= self.limit if self.at_least else self.value <= self.limit
 
     def as_json(self) -> dict[str, Any]:
         return {**asdict(self), "met": self.met}
@@ -306,11 +274,17 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
         "memory_kind": meter.memory_kind,
     }
     report["machine"] = machine(rt.device)
+    structure = report["structure"]
+    report["paper_class_s"] = paper_class_seconds(
+        {row["stage"]: row for row in report["stages"]},
+        structure["s_per_image"] if structure else None,
+        structure_note,
+    )
     report["targets"] = [t.as_json() for t in _targets(report, config)]
     return report
 
 
-def _structure(settings: BenchSettings) -> tuple[Config, SamStructure | None, str]:
+def _structure(settings: BenchSettings) -> tuple[Config, BatchedSamStructure | None, str]:
     """The structure source to time, and the line that says which one it is.
 
     `auto` times SAM only with its real weights on disk; `sam` times SAM with random weights when
@@ -328,15 +302,28 @@ def _structure(settings: BenchSettings) -> tuple[Config, SamStructure | None, st
     if _sam_weights(config) is not None:
         return config, None, f"SAM {config.sam_model}"
     model = sam_model_registry[config.sam_model](checkpoint=None)
-    source = SamStructure(
-        model,
-        device=config.device if config.device != "auto" else None,
-        points_per_side=config.sam_points_per_side,
-        pred_iou_thresh=config.sam_pred_iou_thresh,
-        stability_score_thresh=config.sam_stability_score_thresh,
-        box_nms_thresh=config.sam_box_nms_thresh,
-    )
+    source = BatchedSamStructure(model, **_sam_settings(config))
     return config, source, f"SAM {config.sam_model}, random weights: timing only"
+
+
+def _sam_settings(config: Config) -> dict[str, Any]:
+    return {
+        "device": config.device if config.device != "auto" else None,
+        "points_per_side": config.sam_points_per_side,
+        "pred_iou_thresh": config.sam_pred_iou_thresh,
+        "stability_score_thresh": config.sam_stability_score_thresh,
+        "box_nms_thresh": config.sam_box_nms_thresh,
+    }
+
+
+def _structure_comparison(rt: Runtime, images: np.ndarray) -> dict[str, Any] | None:
+    """The structure source against segment-anything's own generator on the same model and
+    images (`structure.*` figures); None when the run times superpixels."""
+    fast = rt.structure_source
+    if not isinstance(fast, BatchedSamStructure):
+        return None
+    reference = SamStructure(fast.model, **_sam_settings(rt.config))
+    return compare_with_reference(fast, reference, images, rt.backbone.patch_size)
 
 
 def _sam_weights(config: Config) -> Path | None:
@@ -351,7 +338,7 @@ def _sam_weights(config: Config) -> Path | None:
 def _measure_class(rt: Runtime, meter: Meter, data: Path, task: str) -> dict[str, Any]:
     """Learn and evaluate one class through the pipeline, then infer with the in-memory model."""
     config = rt.config
-    _warm_up(rt.backbone, config)
+    warm_up(rt.backbone, config)
     runner = MeteredRunner(LocalRunner(rt), meter)
     with meter.measure() as first:
         result = AddTask(MODEL, task, data, config, rt.store, FORMAT).run(runner)
@@ -376,6 +363,9 @@ def _measure_class(rt: Runtime, meter: Meter, data: Path, task: str) -> dict[str
             "computed_stages": sum(not r.cached for r in again.stages),
         },
         "scaling": _scaling(meter, frozen, memory, inference, config.seed),
+        "precision": precision_figures(config, rt.device, train, test, memory.prompts),
+        # two images: segment-anything's generator takes minutes per image on a CPU
+        "structure": _structure_comparison(rt, train[:2]),
     }
 
 
@@ -549,7 +539,7 @@ def _measure_stream(
     """
     store = ArtifactStore(root / "stream-store")
     rt = Runtime(config, store)
-    _warm_up(rt.backbone, config)
+    warm_up(rt.backbone, config)
     runner = MeteredRunner(LocalRunner(rt), meter)
     steps, test_images = [], 0
     for step, name in enumerate(names, start=1):
@@ -602,7 +592,61 @@ def _targets(report: dict[str, Any], config: Config) -> list[Target]:
             applies=is_paper,
             why_not="" if is_paper else "memory sizes differ from the paper preset",
         ),
+        *_precision_targets(report["precision"]),
+        _structure_target(report["structure"]),
+        _flat_evaluation_target(report["stream"]["steps"]),
     ]
+
+
+def _precision_targets(precision: dict[str, Any]) -> list[Target]:
+    speedup = precision.get("speedup", {})
+    why_not = "" if precision["native_bf16"] else "no native bf16 on this machine"
+    return [
+        Target(
+            f"bf16 speedup, {name}",
+            speedup.get(key),
+            limit,
+            applies=precision["native_bf16"],
+            why_not=why_not,
+            at_least=True,
+        )
+        for name, key, limit in (
+            ("training epoch", "epoch", BF16_SPEEDUP_TARGETS["epoch"]),
+            ("inference", "inference", BF16_SPEEDUP_TARGETS["inference"]),
+        )
+    ]
+
+
+def _structure_target(structure: dict[str, Any] | None) -> Target:
+    """The structure source against segment-anything's generator, at agreement >= 0.95."""
+    if structure is None:
+        return Target(
+            "SAM structure speedup over the generator",
+            None,
+            STRUCTURE_SPEEDUP_TARGET,
+            applies=False,
+            why_not="superpixels timed; --structure sam compares SAM",
+            at_least=True,
+        )
+    agrees = structure["agreement"] >= STRUCTURE_AGREEMENT_TARGET
+    return Target(
+        "SAM structure speedup over the generator",
+        structure["speedup"] if agrees else 0.0,
+        STRUCTURE_SPEEDUP_TARGET,
+        at_least=True,
+    )
+
+
+def _flat_evaluation_target(steps: list[dict[str, Any]]) -> Target:
+    """Evaluation time per step stays flat along the stream: last step / first step."""
+    first, last = steps[0]["evaluate_seconds"], steps[-1]["evaluate_seconds"]
+    return Target(
+        f"evaluate s, step {len(steps)} / step 1",
+        last / first if first > 0 else None,
+        FLAT_EVALUATION_TARGET,
+        applies=len(steps) > 1,
+        why_not="" if len(steps) > 1 else "a stream of one class",
+    )
 
 
 def machine(device: torch.device) -> dict[str, Any]:

@@ -30,6 +30,8 @@ def format_report(report: dict[str, Any]) -> str:
             _stage_table(report),
             _storage_lines(report),
             _scaling_table(report),
+            _precision_table(report),
+            _structure_lines(report),
             _stream_table(report),
             _target_lines(report),
         ]
@@ -146,6 +148,40 @@ def _stream_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _precision_table(report: dict[str, Any]) -> str:
+    precision = report["precision"]
+    names = [p for p in ("fp32", "bf16") if p in precision]
+    lines = [f"{'images per second':<28}" + "".join(f"{p:>10}" for p in names) + "   speedup"]
+    for key, label in (
+        ("keys", "keys (frozen)"),
+        ("epoch", "training epoch"),
+        ("inference", "inference"),
+    ):
+        speedup = precision.get("speedup", {}).get(key)
+        row = f"{label:<28}" + "".join(f"{precision[p][key]:>10.2f}" for p in names)
+        lines.append(row + ("" if speedup is None else f"   {speedup:6.2f}x"))
+    if not precision["native_bf16"]:
+        lines.append("no native bf16 on this machine: precision auto runs float32")
+    return "\n".join(lines)
+
+
+def _structure_lines(report: dict[str, Any]) -> str:
+    structure, paper = report["structure"], report["paper_class_s"]
+    if structure is None:
+        lines = ["structure maps: superpixels timed (--structure sam compares SAM sources)"]
+    else:
+        lines = [
+            f"SAM structure maps, s per image: segment-anything generator "
+            f"{structure['reference_s_per_image']:.2f}, ucad {structure['s_per_image']:.2f} "
+            f"({structure['speedup']:.2f}x); agreement (Rand index, patch grid) "
+            f"{structure['agreement']:.3f} at {structure['regions_per_image']:.1f} regions "
+            "per image"
+        ]
+    if paper["seconds"] is not None:
+        lines.append(f"one paper class end to end: {paper['seconds']:.0f} s ({paper['how']})")
+    return "\n".join(lines)
+
+
 def _target_lines(report: dict[str, Any]) -> str:
     lines = ["targets"]
     for target in report["targets"]:
@@ -155,7 +191,8 @@ def _target_lines(report: dict[str, Any]) -> str:
             verdict = "met" if target["met"] else "MISSED"
         value = target["value"]
         shown = "-" if value is None else f"{value:.3g}"
-        lines.append(f"  {target['name']:<42}{shown:>10}  <= {target['limit']:<8g}{verdict}")
+        sign = ">=" if target.get("at_least") else "<="
+        lines.append(f"  {target['name']:<42}{shown:>10}  {sign} {target['limit']:<8g}{verdict}")
     missed = [t["name"] for t in report["targets"] if t["met"] is False]
     lines.append(f"MISSED: {', '.join(missed)}" if missed else "every target met")
     return "\n".join(lines)
