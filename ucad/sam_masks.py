@@ -1,0 +1,189 @@
+"""Segment Anything's automatic masks, batched and computed at the label map's own resolution.
+
+`SamMaskGenerator` gives, for each image, the boolean masks that segment-anything's
+`SamAutomaticMaskGenerator.generate` returns for it (one crop layer, `min_mask_region_area=0`,
+`multimask_output=True`), in the same order. It runs on SAM's own modules (`ResizeLongestSide`,
+`Sam.preprocess`, `image_encoder`, `prompt_encoder`, `mask_decoder`, `amg` helpers) but:
+
+- images go through the image encoder in batches, not one by one;
+- the point grid goes through the decoder in chunks of `points_per_batch`, like the reference;
+- the reference upsamples each 256x256 logit map to 1024x1024, crops the padding and resizes it to
+  the image's size. Both resizes are bilinear, hence linear and separable: here they are folded
+  into one (H, 256) and one (W, 256) matrix per axis, applied as two matmuls straight to the
+  image's size. Same arithmetic up to float rounding (about 1e-6 on a logit), without the 1024x1024
+  intermediate;
+- IoU filtering happens before the resize, so only surviving logits are resized (the reference
+  resizes all of them first; the filter does not depend on the resize);
+- filtering, stability scores, boxes and NMS stay tensors on the device; no RLE round trip
+  (the reference's RLE encode/decode is lossless, so it changes nothing);
+- the reference also drops boxes near a crop edge that is not an image edge; with one crop layer
+  the crop is the whole image, so that filter never removes anything and is left out.
+
+Under `autocast_dtype` (e.g. bfloat16) the encoder and decoder run in torch.autocast; their outputs
+are cast to float32 before any threshold, stability score, resize or NMS. Low-precision IoU
+predictions and logits can flip masks that sit right at a threshold, so maps then differ slightly
+from float32 maps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from segment_anything.utils.amg import (
+    batched_mask_to_box,
+    build_point_grid,
+    calculate_stability_score,
+)
+from segment_anything.utils.transforms import ResizeLongestSide
+from torchvision.ops import batched_nms
+
+
+class SamMaskGenerator:
+    """Automatic SAM masks for batches of same-sized uint8 RGB images (see the module docstring)."""
+
+    def __init__(
+        self,
+        model: Sam,
+        device: torch.device | str | None = None,
+        points_per_side: int = 32,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        box_nms_thresh: float = 0.7,
+        points_per_batch: int = 64,
+        stability_score_offset: float = 1.0,
+        autocast_dtype: torch.dtype | None = None,
+    ) -> None:
+        if points_per_side < 1 or points_per_batch < 1:
+            raise ValueError("points_per_side and points_per_batch must be >= 1")
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = device
+        self.model = model.to(device).eval()
+        self.transform = ResizeLongestSide(model.image_encoder.img_size)
+        self.points_per_side = points_per_side
+        self.pred_iou_thresh = pred_iou_thresh
+        self.stability_score_thresh = stability_score_thresh
+        self.box_nms_thresh = box_nms_thresh
+        self.points_per_batch = points_per_batch
+        self.stability_score_offset = stability_score_offset
+        self.autocast_dtype = autocast_dtype
+
+    @torch.inference_mode()
+    def generate(self, images: np.ndarray, batch_size: int = 4) -> list[torch.Tensor]:
+        """(N, H, W, 3) uint8 RGB -> per image a (K, H, W) bool tensor on the device.
+
+        Masks come in the reference generator's order: after box NMS, highest predicted IoU first.
+        """
+        if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+            raise ValueError(
+                f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}"
+            )
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        masks: list[torch.Tensor] = []
+        for start in range(0, len(images), batch_size):
+            embeddings = self._embed(images[start : start + batch_size])
+            masks.extend(
+                self._image_masks(embedding[None], images.shape[1:3]) for embedding in embeddings
+            )
+        return masks
+
+    def _embed(self, images: np.ndarray) -> torch.Tensor:
+        """Image embeddings (B, C, h, w), the same input pipeline as `SamPredictor.set_image`."""
+        if self.model.image_format == "BGR":
+            images = images[..., ::-1]
+        resized = np.stack([self.transform.apply_image(image) for image in images])
+        batch = torch.as_tensor(resized, device=self.device).permute(0, 3, 1, 2).contiguous()
+        with autocast_to(self.device, self.autocast_dtype):
+            return self.model.image_encoder(self.model.preprocess(batch))
+
+    def _image_masks(self, embedding: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """All surviving masks of one image, after box NMS, in NMS order."""
+        chunks = [self._candidates(embedding, points, size) for points in self._point_chunks(size)]
+        masks = torch.cat([chunk[0] for chunk in chunks])
+        iou_preds = torch.cat([chunk[1] for chunk in chunks])
+        boxes = batched_mask_to_box(masks)
+        keep = batched_nms(
+            boxes.float(),
+            iou_preds,
+            torch.zeros_like(boxes[:, 0]),  # one category, as in the reference
+            iou_threshold=self.box_nms_thresh,
+        )
+        return masks[keep]
+
+    def _point_chunks(self, size: tuple[int, int]) -> Iterator[torch.Tensor]:
+        """The point grid in model input coordinates, (P, 1, 2) float64 per chunk."""
+        height, width = size
+        points = build_point_grid(self.points_per_side) * np.array([[width, height]])
+        # float64 like the reference: the prompt encoder normalises before casting to float32.
+        coords = torch.as_tensor(self.transform.apply_coords(points, size), device=self.device)
+        for start in range(0, len(coords), self.points_per_batch):
+            yield coords[start : start + self.points_per_batch, None, :]
+
+    def _candidates(
+        self, embedding: torch.Tensor, points: torch.Tensor, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Masks (M, H, W) bool and their predicted IoU (M,) that pass both thresholds."""
+        logits, iou_preds = self._decode(embedding, points)
+        if self.pred_iou_thresh > 0.0:
+            keep = iou_preds > self.pred_iou_thresh
+            logits, iou_preds = logits[keep], iou_preds[keep]
+        logits = self._resize(logits, size)
+        threshold = self.model.mask_threshold
+        if self.stability_score_thresh > 0.0:
+            stability = calculate_stability_score(logits, threshold, self.stability_score_offset)
+            keep = stability >= self.stability_score_thresh
+            logits, iou_preds = logits[keep], iou_preds[keep]
+        return logits > threshold, iou_preds
+
+    def _decode(
+        self, embedding: torch.Tensor, points: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Low-res logits (P*3, h, w) and predicted IoU (P*3,) in float32, point-major order."""
+        labels = torch.ones(points.shape[:2], dtype=torch.int, device=self.device)
+        prompt_encoder = self.model.prompt_encoder
+        with autocast_to(self.device, self.autocast_dtype):
+            sparse, dense = prompt_encoder(points=(points, labels), boxes=None, masks=None)
+            logits, iou_preds = self.model.mask_decoder(
+                image_embeddings=embedding,
+                image_pe=prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=True,
+            )
+        return logits.flatten(0, 1).float(), iou_preds.flatten(0, 1).float()
+
+    def _resize(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(M, h, w) low-res logits -> (M, H, W): the reference's upscale, crop and resize."""
+        input_size = self.transform.get_preprocess_shape(*size, self.transform.target_length)
+        img_size = self.model.image_encoder.img_size
+        rows = resize_matrix(logits.shape[1], img_size, input_size[0], size[0]).to(logits.device)
+        cols = resize_matrix(logits.shape[2], img_size, input_size[1], size[1]).to(logits.device)
+        return rows @ logits @ cols.T
+
+
+def autocast_to(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager:
+    """torch.autocast to `dtype` on `device`'s type; None: no autocast (float32)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@lru_cache(maxsize=16)
+def resize_matrix(low: int, padded: int, kept: int, out: int) -> torch.Tensor:
+    """(out, low) float32: bilinear `low` -> `padded`, keep the first `kept`, bilinear -> `out`.
+
+    `Sam.postprocess_masks` along one axis, as a matrix. Bilinear resizing (align_corners=False)
+    is separable, so the 2-D operation is `rows @ logits @ cols.T`.
+    """
+    basis = torch.eye(low, dtype=torch.float64)[:, None, :]  # each row is one input sample
+    upscaled = F.interpolate(basis, size=padded, mode="linear", align_corners=False)
+    resized = F.interpolate(upscaled[..., :kept], size=out, mode="linear", align_corners=False)
+    return resized[:, 0, :].T.float().contiguous()
