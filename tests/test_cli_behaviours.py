@@ -133,7 +133,7 @@ def test_synth_writes_the_classes_it_names(stream):
     [
         (["benchmark", "--data", "x", "--bogus"], "unrecognized arguments: --bogus"),
         (["add-task", "--model", "m", "--task", "t"], "the following arguments are required"),
-        (["predict", "x.png"], "the following arguments are required: --model"),
+        (["predict", "x.png"], "one of the arguments --model --onnx is required"),
         (["benchmark", "--data", "x", "--routing", "sideways"], "invalid choice: 'sideways'"),
         (["predict", "--model", "m", "x.png", "--batch-size", "many"], "invalid int value"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),

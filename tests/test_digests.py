@@ -153,7 +153,10 @@ def test_a_warm_store_reports_what_an_empty_store_would(world, tmp_path, field):
         ours, theirs = warm.get(record.stage, record.digest), empty.get(record.stage, record.digest)
         assert ours.names == theirs.names
         for name in ours.names:
-            assert np.array_equal(ours.array(name), theirs.array(name)), (record, name)
+            # equal up to float rounding: a batch size changes the order of sums, not the result
+            np.testing.assert_allclose(
+                ours.array(name), theirs.array(name), rtol=1e-5, atol=1e-6, err_msg=str(record)
+            )
     recomputed = {record.stage for record in warm_run.stages if not record.cached}
     expected = CHANGES[field][1]
     if field == "weights_file":
