@@ -1,9 +1,13 @@
-"""Prefect tasks: one per pipeline stage, each a thin wrapper around its `ucad` stage function.
+"""Prefect tasks: one per unit of pipeline work that a run needs, each a thin wrapper around its
+`ucad` stage function.
 
-Tasks take small references (the config, the store root, a TaskSource, digests, manifest entries)
-and return StageRecords; arrays stay in the artifact store. The store decides what is cached:
-Prefect's own cache and result persistence are off, and a stage whose artifacts all existed
-finishes in a Completed state named "Cached", so the UI shows what a run reused.
+Before a stage becomes a task run, the runner looks its artifacts up in the store, in the flow's
+process: a stage whose artifacts all exist is not run as a task. What a flow run found in the
+store shows once, as one task run `found-in-store-<n>` in a Completed state named "Cached" (n
+stages: a class's stages, evaluations of earlier model versions), however long the model's
+history; every task run beside it computed something. The store is the cache: Prefect's own
+cache and result persistence are off. Tasks take small references (the config, the store root, a
+TaskSource, digests, manifest entries) and return StageRecords; arrays stay in the store.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from functools import cache, lru_cache
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
-from prefect import Task, task
+from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from pydantic import BaseModel
 
 from ucad.config import Config
 from ucad.data.source import TaskSource
@@ -63,11 +68,37 @@ def task_run_name(stage: str, args: tuple[Any, ...]) -> str:
     return stage
 
 
+class Held:
+    """A task argument that Prefect passes on as it is.
+
+    Prefect walks a task's arguments for upstream futures, a pydantic model field by field
+    through `dict(model)`, which a manifest's class entry breaks: its field `keys` (a digest)
+    shadows the mapping method `dict()` calls. Models go to tasks held, and come out as they went.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"Held({type(self.value).__name__})"
+
+
+def hold(value: Any) -> Any:
+    return Held(value) if isinstance(value, BaseModel) else value
+
+
+def unhold(value: Any) -> Any:
+    return value.value if isinstance(value, Held) else value
+
+
 @cache
 def stage_task(stage: Callable[..., Any]) -> Task:
     """The Prefect task of one stage function: builds its Runtime in whichever process runs it."""
 
     def run_stage(config: Config, store_root: str, *args: Any, **kwargs: Any) -> Any:
+        args = tuple(unhold(arg) for arg in args)
         return finish(stage(runtime(config, store_root), *args, **kwargs))
 
     run_stage.__qualname__ = stage.__name__  # Prefect keys a task by its function's name
@@ -82,8 +113,70 @@ def structure_chunk(
     return structure_maps(runtime(config, store_root), source, start, stop)
 
 
+class Missing(Exception):
+    """A stage's artifact is not in the store: the stage has work to do."""
+
+
+class LookupStore:
+    """The store for a lookup: an artifact that is not there raises Missing, nothing is written."""
+
+    def __init__(self, store: ArtifactStore) -> None:
+        self._store = store
+
+    def has(self, stage: str, digest: str) -> bool:
+        if not self._store.has(stage, digest):
+            raise Missing(f"{stage}/{digest[:12]}")
+        return True
+
+    def put(self, stage: str, digest: str, *args: Any, **kwargs: Any) -> None:
+        raise Missing(f"{stage}/{digest[:12]}")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+class LookupRuntime:
+    """A Runtime that only looks up: a stage function run with it returns its records when every
+    artifact it needs is in the store, and raises Missing at the first one that is not.
+
+    Everything but the store is the process's Runtime, so what a lookup loads (weights' hashes,
+    rarely a test set) is loaded once for the task runs too.
+    """
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self.store = LookupStore(rt.store)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rt, name)
+
+
+def look_up(
+    stage: Callable[Concatenate[Runtime, P], R], rt: Runtime, *args: P.args, **kwargs: P.kwargs
+) -> R | None:
+    """The stage's result when all its artifacts are in the store, else None.
+
+    Any other error is left to the task run, which raises it again where the UI shows it.
+    """
+    try:
+        return stage(LookupRuntime(rt), *args, **kwargs)  # type: ignore[arg-type]
+    except Exception:
+        return None
+
+
+@task(name="found-in-store", **TASK_OPTIONS)
+def found_in_store(units: list[str], records: list[StageRecord]) -> Completed:
+    """What a flow run found in the store, as one Cached task run: nothing was computed."""
+    get_run_logger().info(
+        "found in the store, nothing computed (%d): %s", len(units), ", ".join(units)
+    )
+    return Completed(name="Cached", data=records)
+
+
 class PrefectRunner:
-    """A `StageRunner` that runs each stage as its Prefect task in the flow's process.
+    """A `StageRunner` that runs each stage that has work to do as its Prefect task, in the
+    flow's process; a stage whose artifacts are all in the store is only looked up, and
+    `report_found` shows those as one Cached task run.
 
     The structure stage hands its per-image chunks to `task_runner`: threads of this process, or
     a Dask cluster, whose workers build their own Runtime from the same config and store.
@@ -93,14 +186,30 @@ class PrefectRunner:
         self.config = config
         self.store_root = store_root
         self.task_runner = task_runner
+        self.found: list[str] = []  # task run names of the stages found in the store
+        self.found_records: list[StageRecord] = []
 
     def __call__(
         self, stage: Callable[Concatenate[Runtime, P], R], *args: P.args, **kwargs: P.kwargs
     ) -> R:
+        name = task_run_name(stage_name(stage), args)
+        found = look_up(stage, runtime(self.config, self.store_root), *args, **kwargs)
+        if found is not None:
+            self.found.append(name)
+            self.found_records += found.records
+            return found
         if stage is run_structure:
             kwargs = {**kwargs, "map_chunks": self.map_chunks}
-        named = stage_task(stage).with_options(task_run_name=task_run_name(stage_name(stage), args))
-        return named(self.config, self.store_root, *args, **kwargs, return_state=True).result()
+        named = stage_task(stage).with_options(task_run_name=name)
+        held = tuple(hold(arg) for arg in args)
+        return named(self.config, self.store_root, *held, **kwargs, return_state=True).result()
+
+    def report_found(self) -> None:
+        """One Cached task run for everything this run found in the store (none if nothing)."""
+        if self.found:
+            found_in_store.with_options(task_run_name=f"found-in-store-{len(self.found)}")(
+                self.found, self.found_records, return_state=True
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         # `map_chunks` is a parameter of the structure task run, and Prefect pickles a task run's
@@ -146,6 +255,9 @@ def task_runner_for(config: Config) -> TaskRunner:
 
 @contextmanager
 def stage_runner(config: Config, store: ArtifactStore) -> Iterator[PrefectRunner]:
-    """A PrefectRunner whose task runner (thread pool, Dask client) lives for the block."""
+    """A PrefectRunner whose task runner (thread pool, Dask client) lives for the block; at its
+    end, what the run found in the store shows as one Cached task run."""
     with task_runner_for(config) as task_runner:
-        yield PrefectRunner(config, store.root, task_runner)
+        runner = PrefectRunner(config, store.root, task_runner)
+        yield runner
+        runner.report_found()

@@ -1,9 +1,11 @@
 """Screenshot of the MLflow UI comparing two smoke benchmarks (docs/mlflow-compare.png).
 
-Starts an `mlflow server` on a temporary SQLite database, runs two smoke benchmarks of a
-synthetic stream (seeds 0 and 1) with tracking to it, opens the experiment's chart view with
-both runs in headless Chromium, keeps the per-class AUROC charts and saves the page. Not part of
-the tests; needs `chromium` (Debian: `apt-get install chromium`) and `pip install playwright`
+Starts an `mlflow server` as `ucad ui` does (one worker, no job runner) on a temporary SQLite
+database, runs two smoke benchmarks of a synthetic stream (seeds 0 and 1) with tracking to it,
+opens the experiment's chart view with both runs in headless Chromium (the link `ucad ui`
+prints), keeps the charts whose name contains `--charts` (default: the per-class AUROC charts;
+`--charts ''` keeps all, figures first and what the runs cost last) and saves the page. Not part
+of the tests; needs `chromium` (Debian: `apt-get install chromium`) and `pip install playwright`
 (it drives the system Chromium; no browser download), and takes a few minutes on a CPU.
 
     python scripts/screenshot_mlflow.py [--out docs/mlflow-compare.png] [--charts auroc/] [--keep]
@@ -17,17 +19,17 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
 from ucad.config import load_config
-from ucad.continual import benchmark
+from ucad.continual import Replay
 from ucad.data.synth import generate
 from ucad.store import ArtifactStore
 from ucad.tracking import log_result
+from ucad.ui import LIGHT_ENV, chart_url, server_command
 
 SMOKE = {"epochs": 1, "key_size": 32, "knowledge_size": 64}
 SEEDS = (0, 1)
@@ -43,15 +45,17 @@ CHROMIUM_FLAGS = [
 
 
 def start_server(root: Path, port: int) -> subprocess.Popen:
-    command = [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "mlflow-artifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]  # fmt: skip
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    database = f"sqlite:///{root / 'mlflow.db'}"
+    artifacts = (root / "mlflow-artifacts").as_uri()
+    env = {**os.environ, **LIGHT_ENV}
     log = open(root / "server.log", "w")
-    return subprocess.Popen(command, stdout=log, stderr=log, env=env, start_new_session=True)
+    return subprocess.Popen(
+        server_command(database, artifacts, "127.0.0.1", port),
+        stdout=log,
+        stderr=log,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def wait_for(uri: str, server: subprocess.Popen, timeout: float = 180) -> None:
@@ -81,19 +85,17 @@ def run_benchmarks(root: Path, uri: str) -> list[str]:
     for seed in SEEDS:
         config = load_config("smoke", overrides={**SMOKE, "seed": seed})
         started = time.time()
-        result = benchmark(data, "mvtec", config, store, model=f"smoke-seed{seed}")
+        result = Replay(data, config, store, model=f"smoke-seed{seed}").run()
         run_ids.append(log_result(result, store, "benchmark", uri, strict=True, started=started))
     return run_ids
 
 
 def compare_url(uri: str, run_ids: list[str]) -> str:
-    """The experiment's runs in chart view, in the UI's model-training mode."""
+    """The experiment's runs in chart view, in the UI's model-training mode (as `ucad ui`)."""
     from mlflow import MlflowClient
 
-    experiment = MlflowClient(uri).get_run(run_ids[0]).info.experiment_id
-    return (
-        f"{uri}/#/experiments/{experiment}/runs?workflowType=machine_learning&compareRunsMode=CHART"
-    )
+    client = MlflowClient(uri)
+    return chart_url(uri, client.get_experiment(client.get_run(run_ids[0]).info.experiment_id))
 
 
 def screenshot(url: str, out: Path, charts: str) -> None:
@@ -110,9 +112,12 @@ def screenshot(url: str, out: Path, charts: str) -> None:
         browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1600, "height": 1250})
         page.goto(url)
-        page.wait_for_selector(f"text=smoke-seed{SEEDS[0]}", timeout=60_000)
-        page.get_by_role("button", name="Close").click()  # the assistant panel
-        page.get_by_placeholder("Search metric charts").fill(charts)
+        page.wait_for_selector("text=seed=1", timeout=60_000)
+        close = page.get_by_role("button", name="Close")  # the assistant panel, if it opens
+        if close.count():
+            close.first.click()
+        if charts:
+            page.get_by_placeholder("Search metric charts").fill(charts)
         page.add_style_tag(content=".modebar-container { display: none !important; }")
         page.wait_for_timeout(3000)  # charts draw after their data arrives
         page.screenshot(path=out)

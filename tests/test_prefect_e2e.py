@@ -1,8 +1,9 @@
 """End to end through Prefect, as a user runs it: a real server and a process worker on
-loopback, deployments from prefect.yaml, and `prefect deployment run ucad/add-task` twice.
+loopback, deployments from prefect.yaml, `prefect deployment run ucad/add-task` twice and a
+3-class run of the nightly benchmark.
 
-Everything lives under tmp_path (Prefect home and database, the artifact store); every process
-the test starts is stopped, with whatever it started, before the test ends.
+Everything lives under tmp paths (Prefect home and database, the artifact stores); every process
+the module starts is stopped, with whatever it started, before the module ends.
 """
 
 from __future__ import annotations
@@ -23,7 +24,14 @@ from uuid import UUID
 import pytest
 from loopback import free_port
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from ucad.manifest import CLASS_STAGES
@@ -97,15 +105,18 @@ class Services:
             "PREFECT_LOCAL_STORAGE_PATH": str(tmp / "prefect" / "storage"),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "1",
+            # the scheduler looks at new deployments at once: a nightly that would queue runs
+            # on deploy does so during the test
+            "PREFECT_SERVER_SERVICES_SCHEDULER_RECENT_DEPLOYMENTS_LOOP_SECONDS": "1",
             "UCAD_STORE": str(self.store),
         }
         self.env.pop("MLFLOW_TRACKING_URI", None)  # runs are logged to <store>/mlflow.db
         self.logs = tmp / "logs"
         self.logs.mkdir()
         self.processes: dict[str, subprocess.Popen] = {}
-        # no scheduler: the nightly deployment must not start a run during the test
+        self.deployed = 0.0  # time.monotonic() of `prefect deploy --all`
         self.start("server", "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                   "--no-scheduler", "--no-ui")  # fmt: skip
+                   "--no-ui")  # fmt: skip
 
     def start(self, name: str, *args: str) -> None:
         with (self.logs / f"{name}.log").open("w") as log:
@@ -160,30 +171,41 @@ class Services:
         return pids
 
 
-@pytest.fixture
-def services(tmp_path) -> Iterator[Services]:
-    running = Services(tmp_path)
+@pytest.fixture(scope="module")
+def services(tmp_path_factory) -> Iterator[Services]:
+    """A server with the deployments of prefect.yaml and a worker, for the module."""
+    running = Services(tmp_path_factory.mktemp("prefect-e2e"))
     try:
+        running.wait_healthy()
+        running.cli("work-pool", "create", "ucad-pool", "--type", "process")
+        running.cli("--no-prompt", "deploy", "--all")
+        running.deployed = time.monotonic()
+        running.start("worker", "worker", "start", "--pool", "ucad-pool")
         yield running
     finally:
         pids = running.stop()
         assert not [pid for pid in pids if _alive(pid)], "processes left running"
 
 
-def _run_add_task(services: Services, data: Path) -> UUID:
+def _run(services: Services, deployment: str, **parameters: str) -> UUID:
+    arguments = [arg for name, value in parameters.items() for arg in ("-p", f"{name}={value}")]
     output = services.cli(
-        "deployment", "run", "ucad/add-task",
-        "-p", "task=grain", "-p", f"data={data}", "-p", "model=line-1", "-p", "preset=smoke",
-        "-p", f"overrides={json.dumps(SMOKE)}",
-        "--watch", "--watch-timeout", "400",
-        timeout=420,
+        "deployment", "run", deployment, *arguments, "--watch", "--watch-timeout", "600",
+        timeout=620,
     )  # fmt: skip
     return UUID(re.search(r"UUID: ([0-9a-f-]{36})", output).group(1))
 
 
-def _task_states(services: Services, flow_run_id: UUID) -> dict[str, str]:
-    """Task run name -> state name, once the server has recorded them all (events lag)."""
-    expected = len(CLASS_STAGES) + 1  # and one evaluation
+def _run_add_task(services: Services, data: Path) -> UUID:
+    return _run(
+        services, "ucad/add-task", task="grain", data=str(data), model="line-1", preset="smoke",
+        overrides=json.dumps(SMOKE),
+    )  # fmt: skip
+
+
+def _task_states(services: Services, flow_run_id: UUID, expected: int) -> dict[str, str]:
+    """Task run name -> state name, once the server has recorded `expected` finished task runs
+    (events lag); a name seen twice would be a stage run twice, which fails the test."""
     with services.client() as client:
         assert client.read_flow_run(flow_run_id).state.is_completed()
         deadline = time.monotonic() + 30
@@ -192,17 +214,21 @@ def _task_states(services: Services, flow_run_id: UUID) -> dict[str, str]:
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
             )
             states = {run.name: run.state_name for run in runs}
-            stages = [name for name in states if not name.startswith("structure-maps-")]
+            assert len(states) == len(runs), sorted(run.name for run in runs)
             finished = all(state in ("Completed", "Cached") for state in states.values())
-            if (len(stages) >= expected and finished) or time.monotonic() > deadline:
+            if (len(states) >= expected and finished) or time.monotonic() > deadline:
                 return states
             time.sleep(0.5)
 
 
-def _deployment_schedule(services: Services, name: str) -> str:
+def _flow_run(services: Services, flow_run_id: UUID) -> tuple[str, dict[str, object]]:
+    """The flow run's name and its artifacts, key -> (type, data)."""
     with services.client() as client:
-        deployment = client.read_deployment_by_name(name)
-        return deployment.schedules[0].schedule.cron
+        name = client.read_flow_run(flow_run_id).name
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return name, {artifact.key: (artifact.type, artifact.data) for artifact in artifacts}
 
 
 def _mlflow_runs(store: Path) -> set[str]:
@@ -216,27 +242,88 @@ def _mlflow_runs(store: Path) -> set[str]:
 
 
 def test_add_task_deployment_through_server_and_worker(services, synth_root):
-    services.wait_healthy()
-    services.cli("work-pool", "create", "ucad-pool", "--type", "process")
-    services.cli("--no-prompt", "deploy", "--all")
-    assert _deployment_schedule(services, "ucad-benchmark/nightly") == "0 2 * * *"
-    services.start("worker", "worker", "start", "--pool", "ucad-pool")
-
     first_id = _run_add_task(services, synth_root)
-    first = _task_states(services, first_id)
+    stage_runs = {f"{stage}-grain" for stage in CLASS_STAGES} | {"evaluate-grain-v1"}
+    first = _task_states(services, first_id, len(stage_runs) + SMOKE["max_workers"])
     store = ArtifactStore(services.store)
     manifest = store.read_model("line-1")
     assert manifest["version"] == 1 and [t["name"] for t in manifest["tasks"]] == ["grain"]
     (evaluation,) = store.artifacts("evaluate")
     assert 0.0 <= store.get(*evaluation).attrs["metrics"]["image_auroc"] <= 1.0
-    stage_runs = {f"{stage}-grain" for stage in CLASS_STAGES} | {"evaluate-grain-v1"}
     chunks = {name for name in first if name.startswith("structure-maps-grain-")}
     assert set(first) - chunks == stage_runs and len(chunks) == SMOKE["max_workers"]
     assert set(first.values()) == {"Completed"}
+    name, artifacts = _flow_run(services, first_id)
+    assert name == "line-1 +grain"
+    assert artifacts["model-line-1-results"][0] == "table"
+    kind, summary = artifacts["model-line-1-summary"]
+    assert kind == "markdown" and "| image_auroc |" in summary
 
-    # A new flow run, in a new process: the store has every artifact, so every stage is cached.
+    # A new flow run, in a new process: the store has every artifact, so nothing runs; what was
+    # found shows as one Cached task run.
     second_id = _run_add_task(services, synth_root)
-    assert _task_states(services, second_id) == dict.fromkeys(stage_runs, "Cached")
+    assert _task_states(services, second_id, 1) == {f"found-in-store-{len(stage_runs)}": "Cached"}
     assert store.model_versions("line-1") == [1]
     # the second changed nothing: no MLflow run for it
     assert _mlflow_runs(services.store) == {str(first_id)}
+
+
+def test_benchmark_runs_each_unit_of_work_once(services, synth_root, tmp_path):
+    """The nightly deployment on a 3-class stream: each class's stages and each new version's
+    evaluations once (no replays of earlier versions'), results as artifacts."""
+    store = tmp_path / "benchmark-store"
+    flow_run_id = _run(
+        services, "ucad-benchmark/nightly", data=str(synth_root), preset="smoke", synth="false",
+        store=str(store), model="stream", overrides=json.dumps(SMOKE),
+    )  # fmt: skip
+    classes = ["grain", "nut", "stripes"]
+    learned = {f"{stage}-{name}" for stage in CLASS_STAGES for name in classes}
+    evaluations = {f"evaluate-{classes[j]}-v{v}" for v in (1, 2, 3) for j in range(v)}
+    chunks = len(classes) * SMOKE["max_workers"]
+    states = _task_states(services, flow_run_id, len(learned) + len(evaluations) + chunks)
+    assert len(evaluations) == 6 and len(states) == len(learned) + len(evaluations) + chunks
+    assert {n for n in states if not n.startswith("structure-maps-")} == learned | evaluations
+    assert set(states.values()) == {"Completed"}  # a fresh store: no Cached task run
+
+    name, artifacts = _flow_run(services, flow_run_id)
+    assert name == f"benchmark {synth_root.name} 3 classes (smoke)"
+    kind, table = artifacts[f"benchmark-{synth_root.name.lower()}-results"]
+    rows = json.loads(table)
+    assert kind == "table" and len(rows) == 7 * len(classes)  # a row per metric and step
+    (first,) = [r for r in rows if r["metric"] == "aupro" and r["after learning"] == "1 grain"]
+    assert 0 <= first["grain"] <= 1 and first["nut"] == "" and first["stripes"] == ""
+    kind, summary = artifacts[f"benchmark-{synth_root.name.lower()}-summary"]
+    assert kind == "markdown" and "| routing_accuracy |" in summary and "forgetting" in summary
+    assert _mlflow_runs(store) == {str(flow_run_id)}
+
+
+def test_deploying_queues_no_nightly_run(services):
+    """The nightly's schedule is created paused: deploying queues nothing for 02:00."""
+    time.sleep(max(0.0, services.deployed + 10 - time.monotonic()))  # the scheduler has looked
+    with services.client() as client:
+        deployment = client.read_deployment_by_name("ucad-benchmark/nightly")
+        (schedule,) = deployment.schedules
+        assert schedule.schedule.cron == "0 2 * * *" and schedule.active is False
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment.id]))
+        )
+    assert [run for run in runs if run.state_name == "Scheduled"] == []
+
+
+def test_the_nightly_writes_its_synthetic_stream_where_none_is(tmp_path, monkeypatch):
+    """`synth: true` (the nightly's default): a missing or empty data folder gets the 3-class
+    synthetic stream, once; a folder with data is left as it is."""
+    import logging
+
+    import flows.continual as flows
+
+    monkeypatch.setattr(flows, "get_run_logger", lambda: logging.getLogger("test"))
+    root = tmp_path / "synth"
+    assert flows._stream_length(str(root), {"synth": True}) == flows.SYNTH_CLASSES
+    assert flows._stream_length(str(root), {}) is None  # the run itself says what is missing
+    flows.synthesize(str(root))
+    assert flows._stream_length(str(root), {}) == flows.SYNTH_CLASSES
+    written = {path: path.stat().st_mtime_ns for path in root.rglob("*")}
+    flows.synthesize(str(root))
+    assert {path: path.stat().st_mtime_ns for path in root.rglob("*")} == written
+    assert [p.name for p in tmp_path.iterdir()] == ["synth"]  # no partial folder left

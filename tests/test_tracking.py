@@ -9,12 +9,14 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,13 +25,14 @@ from loopback import free_port
 from mlflow import MlflowClient
 
 import ucad
+from ucad.backbone import create_backbone
 from ucad.cli import main
 from ucad.config import load_config
 from ucad.continual import Replay
 from ucad.gallery import gallery
 from ucad.manifest import load_version
 from ucad.store import ArtifactStore
-from ucad.tracking import TrackingError, log_result, resolve_target
+from ucad.tracking import TrackingError, log_result, resolve_target, run_name
 
 SMOKE = {"epochs": 1, "key_size": 32, "knowledge_size": 64}
 CLASSES = ["grain", "nut"]
@@ -114,7 +117,11 @@ def tracked(data_root, tmp_path_factory):
 def test_parent_run_has_config_params_and_provenance_tags(tracked, data_root):
     _, client, store, result, run_id = tracked
     run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and run.info.run_name == result.model
+    assert run.info.status == "FINISHED"
+    assert re.fullmatch(
+        r"smoke epochs=1 key_size=32 knowledge_size=64 · grain,nut · [0-9a-f]{6}",
+        run.info.run_name,
+    )
     experiment = client.get_experiment(run.info.experiment_id)
     assert experiment.name == f"ucad benchmark {data_root.name}: grain,nut"
     params = run.data.params
@@ -153,7 +160,8 @@ def test_nested_run_per_class_learned(tracked):
     matrix = result.results.matrix("image_auroc")
     grain_history = client.get_metric_history(second.info.run_id, "image_auroc/grain")
     assert [(m.step, m.value) for m in grain_history] == [(2, pytest.approx(matrix[1][0]))]
-    assert "seconds/prompts" in second.data.metrics and "cached/prompts" in second.data.metrics
+    metrics = second.data.metrics
+    assert "usage/seconds/prompts" in metrics and "usage/cached/prompts" in metrics
     assert "forgetting/image_auroc" not in by_class["grain"].data.metrics  # one class: none
 
 
@@ -178,12 +186,40 @@ def test_metric_histories_have_one_step_per_class_learned(tracked):
 def test_stage_timings_counts_and_memory(tracked):
     _, client, _, result, run_id = tracked
     metrics = client.get_run(run_id).data.metrics
-    assert metrics["computed/prompts"] == 2 and metrics["cached/prompts"] == 0
-    assert metrics["computed/total"] + metrics["cached/total"] == len(result.stages)
-    assert metrics["seconds/prompts"] == pytest.approx(
+    assert metrics["usage/computed/prompts"] == 2 and metrics["usage/cached/prompts"] == 0
+    assert metrics["usage/computed/total"] + metrics["usage/cached/total"] == len(result.stages)
+    assert metrics["usage/seconds/prompts"] == pytest.approx(
         sum(s.seconds for s in result.stages if s.stage == "prompts")
     )
-    assert metrics["seconds/prompts"] > 0 and metrics["memory/peak_rss_mb"] > 100
+    assert metrics["usage/seconds/prompts"] > 0 and metrics["usage/memory/peak_rss_mb"] > 100
+
+
+def test_figures_sort_before_what_the_run_cost(tracked):
+    """The UI's chart view sorts its sections (a key's prefix) by name: every figure's section
+    (aupro/..., mean, forgetting, routing_accuracy/...) comes before the cost's (usage/...)."""
+    _, client, _, _, run_id = tracked
+    sections = {key.rsplit("/", 1)[0] for key in client.get_run(run_id).data.metrics}
+    cost = {section for section in sections if section.startswith("usage/")}
+    assert cost == {"usage/seconds", "usage/computed", "usage/cached", "usage/memory"}
+    assert max(sections - cost) < min(cost)
+
+
+def test_run_names_differ_where_runs_differ(tracked):
+    _, _, store, result, _ = tracked
+    manifest = load_version(store, result.model)
+    name = run_name(result, manifest, "benchmark")
+    seed = replace(result, config=result.config.model_copy(update={"seed": 1}))
+    assert run_name(seed, manifest, "benchmark").startswith(
+        "smoke seed=1 epochs=1 key_size=32 knowledge_size=64 · grain,nut · "
+    )
+    reordered = replace(result, tasks=["nut", "grain"])
+    oracle = replace(result, routing="oracle")
+    names = {name, run_name(seed, manifest, "benchmark"), run_name(oracle, manifest, "benchmark")}
+    assert len(names) == 3 and " · nut,grain · " in run_name(reordered, manifest, "benchmark")
+    # what only changes speed changes no name
+    faster = replace(result, config=result.config.model_copy(update={"workers": 1}))
+    assert run_name(faster, manifest, "benchmark") == name
+    assert run_name(result, manifest, "add-task").startswith(f"{result.model} v2 +nut · smoke ")
 
 
 def test_artifacts_tables_figures_gallery_config_and_json(tracked, tmp_path):
@@ -273,3 +309,36 @@ def test_a_remote_store_needs_a_tracking_uri(tracked, monkeypatch, caplog):
     assert "no tracking URI is set" in caplog.text
     with pytest.raises(TrackingError, match="no tracking URI is set"):
         log_result(result, remote, "benchmark", strict=True)
+
+
+def test_a_request_that_changes_nothing_logs_no_run_and_loads_no_backbone(
+    tracked, data_root, tmp_path, monkeypatch
+):
+    """A new model on the benchmark's artifacts: everything is found in the store, the new
+    version is logged (its gallery loads the backbone); the same request again is a no-op."""
+    _, _, store, _, _ = tracked
+    database = tmp_path / "mlflow.db"
+    command = [
+        "add-task", "--model", "no-op", "--task", "grain", "--data", str(data_root),
+        "--preset", "smoke", "--store", store.root, "--set", f"tracking_uri=sqlite:///{database}",
+    ] + [f"--set={k}={v}" for k, v in SMOKE.items()]  # fmt: skip
+    loads = []
+
+    def counted(*args, **kwargs):
+        loads.append(args)
+        return create_backbone(*args, **kwargs)
+
+    for module in ("ucad.backbone", "ucad.pipeline", "ucad.model"):
+        monkeypatch.setattr(f"{module}.create_backbone", counted)
+    assert main(command) == 0
+    assert loads and len(_runs(database)) == 2  # the parent run and the class's nested run
+
+    loads.clear()
+    assert main(command) == 0  # the same request: nothing computed, no version written
+    assert loads == [] and len(_runs(database)) == 2
+    assert store.model_versions("no-op") == [1]
+
+
+def _runs(database: Path) -> list:
+    client = MlflowClient(f"sqlite:///{database}")
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])

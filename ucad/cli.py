@@ -19,6 +19,7 @@ from ucad.cli_store import add_store_commands
 from ucad.config import PRESETS, ROUTINGS, load_config
 from ucad.data.datasets import FORMATS
 from ucad.export import add_export_parser
+from ucad.ui import add_ui_parser
 
 log = logging.getLogger("ucad")
 
@@ -338,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.set_defaults(run=cmd_bench)
 
     add_store_commands(commands, _add_store_arg)
+    add_ui_parser(commands)
     return parser
 
 

@@ -10,10 +10,13 @@ logged as the run it completes (the class it learned, its nested run).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
+from typing import Any
 
-from ucad.continual import RunResult
+from ucad.config import PRESETS, Config, load_config
+from ucad.continual import RunResult, result_fields
 from ucad.manifest import load_version
 from ucad.store import ArtifactStore
 
@@ -60,3 +63,32 @@ def track(
     if run_id is not None:
         store.mark_tracked(result.model, result.version)
     return run_id
+
+
+# Fields that runs compared side by side most often differ in: named first, where a UI that cuts
+# long names off still shows them.
+FIRST_FIELDS = ("seed", "backbone", "pretrained", "weights_file", "structure", "epochs")
+
+
+def config_label(config: Config, limit: int = 6) -> str:
+    """A config in a few words: the nearest preset, then up to `limit` fields that differ from
+    it (`smoke seed=1 epochs=1`), FIRST_FIELDS first. Fields that only change speed (device,
+    workers, ...) are left out: they change no figure."""
+    ours = result_fields(config)
+    order = [*FIRST_FIELDS, *(name for name in ours if name not in FIRST_FIELDS)]
+
+    def differing(preset: str) -> list[str]:
+        theirs = result_fields(load_config(preset))
+        return [name for name in order if name in ours and ours[name] != theirs.get(name)]
+
+    preset = min(PRESETS, key=lambda name: len(differing(name)))  # a tie: the first, paper
+    changed = differing(preset)
+    parts = [preset, *(f"{name}={_short(ours[name])}" for name in changed[:limit])]
+    if len(changed) > limit:
+        parts.append(f"+{len(changed) - limit} more")
+    return " ".join(parts)
+
+
+def _short(value: Any, width: int = 24) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= width else text[: width - 1] + "…"

@@ -8,14 +8,19 @@ and the failure to log is a warning (an error with ``strict=True``).
 What a run looks like in MLflow (experiment ``ucad model <model>`` for add-task runs,
 ``ucad benchmark <dataset>: <class order>`` for benchmarks, so comparable runs sit together):
 
-- parent run: params = the resolved config and the routing; tags = model, version, class order,
-  artifact digests, package versions, git commit, Prefect flow run id; metrics with
-  step = number of classes learned: ``<metric>/<class>``, ``mean/<metric>``,
-  ``forgetting/<metric>``; without step: ``seconds|computed|cached/<stage>`` and
-  ``memory/peak_*_mb``; artifacts: ``results/<metric>.csv|.png`` (the results matrix),
-  ``results/curves.png``, ``gallery/<class>.png``, ``config.yaml``, ``result.json``.
+- parent run, named by what sets it apart from the runs beside it (``run_name``): params = the
+  resolved config and the routing; tags = model, version, class order, artifact digests,
+  package versions, git commit, Prefect flow run id; metrics with step = number of classes
+  learned: ``<metric>/<class>``, ``mean/<metric>``, ``forgetting/<metric>``; without step,
+  what the run cost: ``usage/seconds|computed|cached/<stage>`` and ``usage/memory/peak_*_mb``;
+  artifacts: ``results/<metric>.csv|.png`` (the results matrix), ``results/curves.png``,
+  ``gallery/<class>.png``, ``config.yaml``, ``result.json``.
 - nested run per class learned by this run: that step's metrics, the class's learning-stage
   times and digests.
+
+The UI's chart view groups charts into sections by key prefix, sorted by name: the cost prefix
+``usage/`` sorts after every figure's (``aupro/`` ... ``routing_accuracy/``), so a run's figures
+come first.
 """
 
 from __future__ import annotations
@@ -45,16 +50,20 @@ from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
 from ucad.config import Config
-from ucad.continual import RunResult
+from ucad.continual import RunResult, result_fields
 from ucad.figures import curves_figure, matrix_figure
 from ucad.manifest import CLASS_STAGES, ModelVersion, load_version
 from ucad.metrics import final, forgetting
 from ucad.provenance import PACKAGES, git_state, library_versions, peak_rss_bytes
+from ucad.runs import config_label
 from ucad.store import ArtifactStore
 
 log = logging.getLogger(__name__)
 
 KINDS = ("add-task", "benchmark")
+# What a run cost (stage seconds and counts, memory): after the figures in the chart view, whose
+# sections sort by name (the last figure prefix is routing_accuracy/).
+COST = "usage"
 ENV_VAR = "MLFLOW_TRACKING_URI"
 # MLflow retries a failed request for minutes by default; a tracking server that is down should
 # cost a run seconds. Values the user set in the environment win.
@@ -184,7 +193,7 @@ def _log_run(
         experiment,
         start_time=None if started is None else int(started * 1000),
         tags=_parent_tags(result, manifest, store, kind, flow_run_id),
-        run_name=_parent_name(result, kind),
+        run_name=run_name(result, manifest, kind),
     ).info.run_id
     try:
         totals = {**stage_metrics(result), **memory}
@@ -224,8 +233,8 @@ def _log_class_run(
     }
     run = client.create_run(experiment, tags=tags, run_name=f"{step:02d} {entry.name}")
     own = [r for r in result.stages if r.task == entry.name and r.stage in CLASS_STAGES]
-    own_values = {f"seconds/{r.stage}": r.seconds for r in own}
-    own_values |= {f"cached/{r.stage}": float(r.cached) for r in own}
+    own_values = {f"{COST}/seconds/{r.stage}": r.seconds for r in own}
+    own_values |= {f"{COST}/cached/{r.stage}": float(r.cached) for r in own}
     own_values["threshold"] = entry.threshold  # the class's decision threshold (a score)
     client.log_batch(
         run.info.run_id,
@@ -281,11 +290,41 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
     return experiment.experiment_id
 
 
-def _parent_name(result: RunResult, kind: str) -> str:
+def run_name(result: RunResult, manifest: ModelVersion, kind: str) -> str:
+    """A parent run's name, from what sets it apart from the runs it is compared with.
+
+    add-task: ``line-3 v3 +bottle · paper · 1a2b3c``; benchmark:
+    ``smoke seed=1 · grain,nut,stripes · 1a2b3c`` (long streams: the first two classes, the
+    last one and their number). The words are the nearest preset and the config fields that
+    differ from it (`ucad.runs.config_label`), and ``oracle`` routing; the short id is a digest
+    of everything that decides the figures (config fields, routing, classes in order, data), so
+    two runs share a name exactly when they computed the same thing. What tells runs of one
+    experiment apart comes first, where the UI's run list and chart legends cut names off: the
+    version for a model's runs, the config for a stream's (its experiment names the order).
+    """
+    label = config_label(result.config)
+    if result.routing != "agnostic":
+        label += f" {result.routing}"
     if kind == "benchmark":
-        return result.model
+        return f"{label} · {_order(result.tasks)} · {short_id(result, manifest)}"
     added = f"+{result.tasks[-1]}" if result.new_version else "unchanged"
-    return f"{result.model} v{result.version} {added}"
+    return f"{result.model} v{result.version} {added} · {label} · {short_id(result, manifest)}"
+
+
+def short_id(result: RunResult, manifest: ModelVersion) -> str:
+    """Six hex digits naming what decides a run's figures."""
+    decided = {
+        "config": result_fields(result.config),
+        "routing": result.routing,
+        "classes": [[t.name, t.data.train, t.data.test] for t in manifest.tasks],
+    }
+    return _short_hash(json.dumps(decided, sort_keys=True))[:6]
+
+
+def _order(names: list[str]) -> str:
+    if len(names) <= 4:
+        return ",".join(names)
+    return f"{names[0]},{names[1]},…,{names[-1]} ({len(names)})"
 
 
 # Params, tags, metrics -----------------------------------------------------------------------
@@ -353,14 +392,15 @@ def history_metrics(result: RunResult) -> list[tuple[str, float, int]]:
 
 
 def stage_metrics(result: RunResult) -> dict[str, float]:
-    """Seconds spent and stages computed/cached, per stage and in total, in this run."""
+    """Seconds spent and stages computed/cached, per stage and in total, in this run
+    (``usage/seconds/<stage>``, ``usage/computed/<stage>``, ``usage/cached/<stage>``)."""
     out: dict[str, float] = {}
     for record in result.stages:
         for stage in (record.stage, "total"):
-            for key in (f"seconds/{stage}", f"computed/{stage}", f"cached/{stage}"):
-                out.setdefault(key, 0.0)
-            out[f"seconds/{stage}"] += record.seconds
-            out[f"{'cached' if record.cached else 'computed'}/{stage}"] += 1
+            for kind in ("seconds", "computed", "cached"):
+                out.setdefault(f"{COST}/{kind}/{stage}", 0.0)
+            out[f"{COST}/seconds/{stage}"] += record.seconds
+            out[f"{COST}/{'cached' if record.cached else 'computed'}/{stage}"] += 1
     return out
 
 
@@ -376,9 +416,9 @@ def _metrics(values: Sequence[tuple[str, float, int]]) -> list[Metric]:
 
 def _peak_memory() -> dict[str, float]:
     """Peak memory of this process so far (the whole process lifetime, not only this run)."""
-    out = {"memory/peak_rss_mb": peak_rss_bytes() / 2**20}
+    out = {f"{COST}/memory/peak_rss_mb": peak_rss_bytes() / 2**20}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        out["memory/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+        out[f"{COST}/memory/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
