@@ -266,7 +266,7 @@ def test_a_rerun_after_a_kill_between_version_and_tracking_is_logged_as_that_run
     experiment = client.get_experiment_by_name("ucad model m")
     runs = client.search_runs([experiment.experiment_id])
     names = sorted(run.info.run_name for run in runs)
-    assert names == ["02 nut", "m v2 +nut"], names
+    assert names[0] == "02 nut" and names[1].startswith("m v2 +nut "), names
     assert all(run.info.start_time >= started * 1000 - 1000 for run in runs)
     # an identical request after that changes nothing and records nothing
     assert main(args) == 0
