@@ -9,7 +9,9 @@ What is asserted: one learned model chooses the same class for every image under
 float32, scores its test images within 1 % (median; at most 10 % for any one image, whose maximum
 patch bf16 may change) and its image AUROC moves by at most 0.01, or by one reordered
 (normal, defective) pair where the test set is so small that one pair weighs more (10 images:
-1/24; seen at ViT-B: 0.79 against 0.75). Not asserted: that a whole stream *learned* under bf16 ends within 0.01 of float32. On the
+1/24; seen at ViT-B: 0.79 against 0.75).
+
+Not asserted: that a whole stream *learned* under bf16 ends within 0.01 of float32. On the
 synthetic stream with random weights it does not (image AUROC 0.896 against 0.813 on 2 classes
 of 10 test images): prompts trained under bf16 follow another trajectory, and with random
 features the images' scores are close enough for that to reorder a few pairs.
@@ -17,7 +19,6 @@ features the images' scores are close enough for that to reorder a few pairs.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from sklearn.metrics import roc_auc_score
