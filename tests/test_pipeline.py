@@ -132,13 +132,59 @@ def test_other_data_or_config_for_a_known_class_is_refused(synth_root, tmp_path,
     assert store.model_versions("m") == [1]
 
 
-def test_racing_writer_gets_a_conflict_and_nothing_is_lost(synth_root, tmp_path, config):
-    store = ArtifactStore(tmp_path / "store")
-    AddTask("m", "grain", synth_root, config, store).run()
-    manifest = store.read_model("m", 1)
+def test_two_add_task_processes_racing_on_one_model_lose_no_class(synth_root, tmp_path):
+    """Two `ucad add-task` processes add different classes to one new model at the same time.
+    Both learn against the empty model; the one that publishes second finds version 1 taken and
+    writes version 2 on the new head (manifest.append_version): no class is lost."""
+    store_root = tmp_path / "store"
+
+    def command(task):
+        return [
+            sys.executable, "-m", "ucad.cli", "add-task", "--model", "m", "--task", task,
+            "--data", str(synth_root), "--preset", "smoke", "--store", str(store_root),
+            "--no-tracking", "--json", str(tmp_path / f"{task}.json"),
+            *[f"--set={k}={v}" for k, v in SMOKE.items()],
+        ]  # fmt: skip
+
+    racers = {
+        task: subprocess.Popen(command(task), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for task in ("grain", "nut")
+    }
+    for process in racers.values():
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err.decode()
+    results = {task: json.loads((tmp_path / f"{task}.json").read_text()) for task in racers}
+
+    store = ArtifactStore(store_root)
+    assert store.model_versions("m") == [1, 2]  # contiguous
+    first, second = store.read_model("m", 1), store.read_model("m", 2)
+    winner = first["tasks"][0]["name"]
+    (loser,) = set(racers) - {winner}
+    assert [task["name"] for task in second["tasks"]] == [winner, loser]
+    assert second["tasks"][0] == first["tasks"][0]  # version 2 is built on version 1
+    assert (results[winner]["version"], results[winner]["tasks"]) == (1, [winner])
+    assert (results[loser]["version"], results[loser]["tasks"]) == (2, [winner, loser])
+    assert results[winner]["new_version"] and results[loser]["new_version"]
+    # the loser reports the history of the model as written: version 1 is the winner's
+    for metric, rows in results[loser]["matrix"].items():
+        assert len(rows) == 2 and rows[0] == [*results[winner]["matrix"][metric][0], None]
+
+    # It was a race: each process learned against the empty model, so each class was evaluated
+    # as the only class (j = 0) of a one-class version; without the race the second class would
+    # only ever be evaluated as class 1 of version 2.
+    for task in racers:
+        alone = [
+            digest
+            for _, digest in store.artifacts("evaluate")
+            if store.get("evaluate", digest).attrs["task"] == task
+            and store.get("evaluate", digest).attrs["inputs"]["j"] == 0
+        ]
+        assert alone, f"{task} was never evaluated alone: the two runs did not race"
+
+    # and a version is never overwritten
     with pytest.raises(ModelVersionConflict):
-        store.write_model("m", 1, manifest)
-    assert store.read_model("m", 1) == manifest
+        store.write_model("m", 2, first)
+    assert store.read_model("m", 2) == second
 
 
 def test_killed_run_leaves_nothing_trusted_and_the_next_run_finishes(synth_root, tmp_path):

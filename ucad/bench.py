@@ -373,7 +373,7 @@ def _evaluation_figure(
     runner: MeteredRunner, records: list[StageRecord], inference: list[StageFigure]
 ) -> StageFigure:
     """The pipeline's evaluation of the class: its call, with the stages it ran as parts."""
-    learned = {stage for stage, _ in runner.calls}
+    learned = {stage for stage, _ in runner.calls if stage != "evaluate"}
     parts: dict[str, float] = {}
     for record in records:
         if record.stage not in learned:  # features, routing, scores, evaluate
