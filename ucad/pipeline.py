@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from typing import Any
@@ -237,8 +237,3 @@ def chunk_bounds(count: int, chunks: int) -> list[tuple[int, int]]:
     parts = max(1, min(chunks, count))
     edges = [count * i // parts for i in range(parts + 1)]
     return list(zip(edges[:-1], edges[1:], strict=True))
-
-
-def batches(count: int, size: int) -> Iterator[slice]:
-    for start in range(0, count, size):
-        yield slice(start, min(count, start + size))
