@@ -8,42 +8,37 @@ stages: a class's stages, evaluations of earlier model versions), however long t
 history; every task run beside it computed something. The store is the cache: Prefect's own
 cache and result persistence are off. Tasks take small references (the config, the store root, a
 TaskSource, digests, manifest entries) and return StageRecords; arrays stay in the store.
+
+Where the work runs is the library's choice, as for the `ucad` command (`ucad.runners.runner_for`):
+in the flow's process, or on a Dask cluster (`task_runner: dask`), where each task run waits for
+its stage on a worker and up to `max_workers` of them run at once.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from functools import cache, lru_cache
+from functools import cache
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import BaseModel
 
 from ucad.config import Config
 from ucad.data.source import TaskSource
 from ucad.manifest import ModelVersion
-from ucad.pipeline import Evaluation, Runtime, StageRecord
+from ucad.pipeline import Evaluation, Runtime, StageRecord, process_runtime
+from ucad.runners import LocalRunner, StageRunner, runner_for
 from ucad.stages.structure import run_structure, structure_maps
 from ucad.store import ArtifactStore
 
 TASK_OPTIONS: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
 P = ParamSpec("P")
 R = TypeVar("R", StageRecord, Evaluation)
-
-
-def runtime(config: Config, store_root: str) -> Runtime:
-    """This process's Runtime: the models load once per process, not once per task."""
-    return _runtime(config.model_dump_json(), store_root)
-
-
-@lru_cache(maxsize=1)  # a flow run has one config; a long-lived process keeps only the latest
-def _runtime(config_json: str, store_root: str) -> Runtime:
-    return Runtime(Config.model_validate_json(config_json), ArtifactStore(store_root))
 
 
 def finish(result: R) -> R | Completed:
@@ -95,11 +90,12 @@ def unhold(value: Any) -> Any:
 
 @cache
 def stage_task(stage: Callable[..., Any]) -> Task:
-    """The Prefect task of one stage function: builds its Runtime in whichever process runs it."""
+    """The Prefect task of one stage function: passes the stage to the runner that does the work
+    (this process's, or a Dask cluster's)."""
 
-    def run_stage(config: Config, store_root: str, *args: Any, **kwargs: Any) -> Any:
+    def run_stage(backend: Held, *args: Any, **kwargs: Any) -> Any:
         args = tuple(unhold(arg) for arg in args)
-        return finish(stage(runtime(config, store_root), *args, **kwargs))
+        return finish(unhold(backend)(stage, *args, **kwargs))
 
     run_stage.__qualname__ = stage.__name__  # Prefect keys a task by its function's name
     return task(run_stage, name=stage_name(stage), **TASK_OPTIONS)
@@ -110,7 +106,7 @@ def structure_chunk(
     config: Config, store_root: str, source: TaskSource, start: int, stop: int
 ) -> np.ndarray:
     """Structure maps of training images start..stop-1 of a class, wherever the runner puts it."""
-    return structure_maps(runtime(config, store_root), source, start, stop)
+    return structure_maps(process_runtime(config, store_root), source, start, stop)
 
 
 class Missing(Exception):
@@ -174,18 +170,26 @@ def found_in_store(units: list[str], records: list[StageRecord]) -> Completed:
 
 
 class PrefectRunner:
-    """A `StageRunner` that runs each stage that has work to do as its Prefect task, in the
-    flow's process; a stage whose artifacts are all in the store is only looked up, and
-    `report_found` shows those as one Cached task run.
+    """A `StageRunner` that runs each stage that has work to do as its Prefect task, on the
+    `backend` runner; a stage whose artifacts are all in the store is only looked up, in the
+    flow's process, and `report_found` shows those as one Cached task run.
 
-    The structure stage hands its per-image chunks to `task_runner`: threads of this process, or
-    a Dask cluster, whose workers build their own Runtime from the same config and store.
+    With the in-process backend, the structure stage hands its per-image chunks to `threads`
+    (a thread pool of the flow's process), each chunk a task run of its own.
     """
 
-    def __init__(self, config: Config, store_root: str, task_runner: TaskRunner) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store_root: str,
+        backend: StageRunner,
+        threads: ThreadPoolTaskRunner | None = None,
+    ) -> None:
         self.config = config
         self.store_root = store_root
-        self.task_runner = task_runner
+        self.backend = backend
+        self.threads = threads
+        self.workers = backend.workers
         self.found: list[str] = []  # task run names of the stages found in the store
         self.found_records: list[StageRecord] = []
 
@@ -193,16 +197,16 @@ class PrefectRunner:
         self, stage: Callable[Concatenate[Runtime, P], R], *args: P.args, **kwargs: P.kwargs
     ) -> R:
         name = task_run_name(stage_name(stage), args)
-        found = look_up(stage, runtime(self.config, self.store_root), *args, **kwargs)
+        found = look_up(stage, process_runtime(self.config, self.store_root), *args, **kwargs)
         if found is not None:
             self.found.append(name)
             self.found_records += found.records
             return found
-        if stage is run_structure:
+        if stage is run_structure and self.threads is not None:
             kwargs = {**kwargs, "map_chunks": self.map_chunks}
         named = stage_task(stage).with_options(task_run_name=name)
         held = tuple(hold(arg) for arg in args)
-        return named(self.config, self.store_root, *held, **kwargs, return_state=True).result()
+        return named(Held(self.backend), *held, **kwargs, return_state=True).result()
 
     def report_found(self) -> None:
         """One Cached task run for everything this run found in the store (none if nothing)."""
@@ -211,19 +215,13 @@ class PrefectRunner:
                 self.found, self.found_records, return_state=True
             )
 
-    def __getstate__(self) -> dict[str, Any]:
-        # `map_chunks` is a parameter of the structure task run, and Prefect pickles a task run's
-        # parameters into the context of each task submitted from it to Dask. The task runner
-        # (threads, sockets) cannot be pickled and is only used here, where chunks are submitted.
-        return {**self.__dict__, "task_runner": None}
-
     def map_chunks(
         self, rt: Runtime, source: TaskSource, chunks: list[tuple[int, int]]
     ) -> list[np.ndarray]:
-        if isinstance(self.task_runner, ThreadPoolTaskRunner):
-            _ = rt.structure_source  # threads share this process's model: load it before they start
+        assert self.threads is not None
+        _ = rt.structure_source  # threads share this process's model: load it before they start
         futures = [
-            self.task_runner.submit(
+            self.threads.submit(
                 structure_chunk,
                 {
                     "config": self.config,
@@ -238,26 +236,16 @@ class PrefectRunner:
         return [future.result() for future in futures]
 
 
-def task_runner_for(config: Config) -> TaskRunner:
-    """Threads in the flow's process by default; a Dask cluster through prefect-dask on request."""
-    if config.task_runner == "threads":
-        return ThreadPoolTaskRunner(max_workers=config.max_workers)
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError:
-        raise ImportError(
-            'task_runner "dask" needs prefect-dask: pip install "ucad[dask]"'
-        ) from None
-    if config.dask_address:
-        return DaskTaskRunner(address=config.dask_address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": config.max_workers, "threads_per_worker": 1})
-
-
 @contextmanager
 def stage_runner(config: Config, store: ArtifactStore) -> Iterator[PrefectRunner]:
-    """A PrefectRunner whose task runner (thread pool, Dask client) lives for the block; at its
-    end, what the run found in the store shows as one Cached task run."""
-    with task_runner_for(config) as task_runner:
-        runner = PrefectRunner(config, store.root, task_runner)
+    """A PrefectRunner on the runner the config asks for, open for the block (a Dask cluster, or
+    this process with a thread pool for structure-map chunks); at its end, what the run found in
+    the store shows as one Cached task run."""
+    with (
+        runner_for(config, store) as backend,
+        ThreadPoolTaskRunner(max_workers=config.max_workers) as threads,
+    ):
+        in_process = isinstance(backend, LocalRunner)
+        runner = PrefectRunner(config, store.root, backend, threads if in_process else None)
         yield runner
         runner.report_found()

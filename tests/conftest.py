@@ -28,3 +28,23 @@ def _isolated_services(tmp_path_factory):
     os.environ["UCAD_STORE"] = str(home / "artifacts")
     os.environ["UCAD_CACHE"] = str(home / "cache")
     yield
+
+
+# Small enough for a few seconds a class; what runs elsewhere is compared with this.
+STREAM_SMOKE = {"epochs": 1, "key_size": 32, "knowledge_size": 64}
+
+
+@pytest.fixture(scope="session")
+def smoke_stream(synth_root, tmp_path_factory) -> tuple[dict, Path]:
+    """The synthetic stream replayed in this process, one stage at a time: its JSON and store.
+
+    The reference that runs on Dask workers or through Prefect must reproduce.
+    """
+    from ucad.config import load_config
+    from ucad.continual import Replay
+    from ucad.store import ArtifactStore
+
+    store = tmp_path_factory.mktemp("sequential-stream")
+    config = load_config("smoke", overrides=STREAM_SMOKE)
+    result = Replay(str(synth_root), config, ArtifactStore(store), model="stream").run()
+    return result.as_json(), store

@@ -3,20 +3,19 @@
 The flows themselves run through a real server and worker in test_prefect_e2e.py.
 """
 
-import pickle
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows.tasks import PrefectRunner, finish, runtime, task_runner_for
+from flows.tasks import finish
 from ucad.config import load_config
 from ucad.continual import RUNTIME_FIELDS
 from ucad.data.datasets import read_task
 from ucad.data.source import TaskSource
-from ucad.pipeline import Evaluation, Runtime, StageRecord, chunk_bounds
+from ucad.pipeline import Evaluation, Runtime, StageRecord, chunk_bounds, process_runtime
+from ucad.runners import LocalRunner, runner_for
 from ucad.stages.evaluate import EVALUATE
 from ucad.stages.structure import run_structure, structure_maps
 from ucad.store import ArtifactStore
@@ -27,12 +26,14 @@ def config():
     return load_config("smoke", overrides={"max_workers": 3})
 
 
-def test_threads_by_default_and_a_clear_message_without_prefect_dask(config, monkeypatch):
-    assert isinstance(task_runner_for(config), ThreadPoolTaskRunner)
-    monkeypatch.setitem(sys.modules, "prefect_dask", None)  # not installed
+def test_this_process_by_default_and_a_clear_message_without_dask(config, tmp_path, monkeypatch):
+    with runner_for(config, ArtifactStore(tmp_path)) as runner:
+        assert isinstance(runner, LocalRunner) and runner.workers == 1
+    monkeypatch.setitem(sys.modules, "distributed", None)  # not installed
     dask = config.model_copy(update={"task_runner": "dask"})
     with pytest.raises(ImportError, match=r'pip install "ucad\[dask\]"'):
-        task_runner_for(dask)
+        with runner_for(dask, ArtifactStore(tmp_path)):
+            pass
 
 
 def test_a_dask_address_needs_the_dask_task_runner():
@@ -48,9 +49,9 @@ def test_scale_out_settings_never_change_a_digest(config):
 
 
 def test_one_runtime_per_process_config_and_store(config, tmp_path):
-    first = runtime(config, str(tmp_path))
-    assert runtime(config.model_copy(), str(tmp_path)) is first
-    other = runtime(config.model_copy(update={"epochs": 3}), str(tmp_path))
+    first = process_runtime(config, str(tmp_path))
+    assert process_runtime(config.model_copy(), str(tmp_path)) is first
+    other = process_runtime(config.model_copy(update={"epochs": 3}), str(tmp_path))
     assert other is not first and other.config.epochs == 3
 
 
@@ -65,13 +66,6 @@ def test_a_stage_whose_artifacts_existed_is_reported_as_cached():
     evaluation = Evaluation({"image_auroc": 1.0}, [_record(True), _record(False)])
     assert finish(evaluation) == evaluation  # one sub-stage computed: not cached
     assert finish(Evaluation({}, [_record(True)])).name == "Cached"
-
-
-def test_the_runner_pickles_without_its_task_runner(config, tmp_path):
-    with ThreadPoolTaskRunner(max_workers=2) as task_runner:
-        hook = PrefectRunner(config, str(tmp_path), task_runner).map_chunks
-        restored = pickle.loads(pickle.dumps(hook))
-    assert restored.__self__.task_runner is None and restored.__self__.config == config
 
 
 @pytest.mark.parametrize("count,chunks", [(1, 4), (7, 3), (8, 8), (10, 4)])

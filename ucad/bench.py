@@ -35,13 +35,14 @@ from ucad.bench_method import paper_class_seconds, precision_figures
 from ucad.bench_passes import forward_passes, training_passes, warm_up
 from ucad.calibration import calibration_split
 from ucad.config import Config, load_config
-from ucad.continual import AddTask, LocalRunner, StageRunner
+from ucad.continual import AddTask
 from ucad.data.datasets import read_task
 from ucad.data.synth import generate
 from ucad.manifest import TaskEntry, load_version
 from ucad.memory import TaskMemory, score_images
 from ucad.pipeline import Runtime, StageRecord
 from ucad.provenance import peak_rss_bytes, reset_peak_rss
+from ucad.runners import LocalRunner, StageRunner
 from ucad.stages.features import extract_features
 from ucad.store import ArtifactStore
 from ucad.structure import (
@@ -127,6 +128,7 @@ class MeteredRunner:
 
     def __init__(self, runner: StageRunner, meter: Meter) -> None:
         self.runner = runner
+        self.workers = runner.workers
         self.meter = meter
         self.calls: list[tuple[str, Reading]] = []
 

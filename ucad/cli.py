@@ -93,11 +93,13 @@ def _report(result, json_path: Path | None) -> None:
 def _run(args: argparse.Namespace, request, kind: str) -> None:
     """Run a request, report it, and record it in MLflow (a failure is a warning unless
     --strict-tracking)."""
+    from ucad.runners import runner_for
     from ucad.runs import track
 
     log.info("config: %s", request.config.model_dump_json())
     started = time.time()
-    result = request.run()
+    with runner_for(request.config, request.store) as runner:  # this process, or a Dask cluster
+        result = request.run(runner)
     _report(result, args.json)
     if not args.no_tracking:
         track(result, request.store, kind, strict=args.strict_tracking, started=started)
@@ -360,9 +362,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.quiet:
         quiet_libraries()
+    elif not args.verbose:  # a cluster's start and stop, line by line, only with -v
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     try:
         args.run(args)
-    except (ValueError, OSError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError, ImportError) as err:
         if args.debug:
             raise
         print(f"ucad: error: {err}", file=sys.stderr)

@@ -1,8 +1,12 @@
 """The two requests of continual learning: add a class to a model, or replay a whole stream.
 
 `AddTask(...).run()` and `Replay(...).run()` are what the `ucad` command and both Prefect flows
-construct and call. Stages run through a `StageRunner`: directly in this process by default, as
-Prefect tasks from `flows/`. Data flow of one add-task (README, "How the code is laid out"):
+construct and call. Stages run through a `StageRunner` (ucad/runners.py): in this process by
+default, on a Dask cluster, or as Prefect tasks from `flows/`. Where the runner has room for
+several stages at once, a stream's classes learn concurrently and each version's evaluations
+start as soon as the version exists; versions are still written in class order, and what is
+computed does not depend on the order. Data flow of one add-task (README, "How the code is laid
+out"):
 
     request -> head version (validated, its artifacts checked) -> TaskSource of the class
     -> structure, keys -> prompts -> knowledge -> calibrate      (ucad/stages/, cached by digest)
@@ -16,11 +20,12 @@ Prefect tasks from `flows/`. Data flow of one add-task (README, "How the code is
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
+from typing import Any
 
 from ucad.calibration import calibration_split
 from ucad.config import ROUTINGS, Config, Routing
@@ -36,8 +41,9 @@ from ucad.manifest import (
     next_version,
 )
 from ucad.metrics import METRICS, ResultsMatrix
-from ucad.pipeline import Runtime, StageRecord
+from ucad.pipeline import Evaluation, Runtime, StageRecord
 from ucad.provenance import library_versions
+from ucad.runners import LocalRunner, StageRunner, stage_pool
 from ucad.stages.calibrate import run_calibrate
 from ucad.stages.evaluate import run_evaluate
 from ucad.stages.keys import run_keys
@@ -59,29 +65,6 @@ RUNTIME_FIELDS = (
     "max_workers",
     "tracking_uri",
 )
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-class StageRunner(Protocol):
-    """Runs one stage function (`ucad.stages.*.run_*`) with its arguments after the Runtime."""
-
-    def __call__(
-        self, stage: Callable[Concatenate[Runtime, P], R], *args: P.args, **kwargs: P.kwargs
-    ) -> R: ...
-
-
-class LocalRunner:
-    """Calls the stage functions in this process, in order."""
-
-    def __init__(self, rt: Runtime) -> None:
-        self.rt = rt
-
-    def __call__(
-        self, stage: Callable[Concatenate[Runtime, P], R], *args: P.args, **kwargs: P.kwargs
-    ) -> R:
-        return stage(self.rt, *args, **kwargs)
 
 
 @dataclass
@@ -131,14 +114,15 @@ class AddTask:
 
     def run(self, runner: StageRunner | None = None) -> RunResult:
         runner = runner or LocalRunner(Runtime(self.config, self.store))
-        version, records, new = learn(self, runner, check_files=True)
-        rows, evaluations = evaluate_history(self.store, self.model, version, self.routing, runner)
-        if new:
-            written = publish(self, version)
-            if written.version != version.version:  # another run added a class meanwhile
-                rows, more = evaluate_history(self.store, self.model, written, self.routing, runner)
-                evaluations += more
-            version = written
+        with stage_pool(runner) as pool:
+            version, records, new = learn(self, runner, pool, check_files=True)
+            rows, evaluations = evaluate_history(self.store, version, self.routing, runner, pool)
+            if new:
+                written = publish(self, version)
+                if written.version != version.version:  # another run added a class meanwhile
+                    rows, more = evaluate_history(self.store, written, self.routing, runner, pool)
+                    evaluations += more
+                version = written
         return _result(self, version, rows, records + evaluations, new)
 
 
@@ -161,19 +145,48 @@ class Replay:
             raise ValueError(
                 f"model {model!r} exists already in {self.store.root!r}; a benchmark starts fresh"
             )
-        for name in order:  # a broken file in a late class must stop the stream before it starts
-            check_task_files(read_task(self.data, name, self.format), self.config)
+        classes = [read_task(self.data, name, self.format) for name in order]
+        for data in classes:  # a broken file in a late class must stop the stream before it starts
+            check_task_files(data, self.config)
+        sources = [TaskSource.from_data(self.data, self.format, data) for data in classes]
+        check_routing(self.routing)
         runner = runner or LocalRunner(Runtime(self.config, self.store))
         log.info("stream of %d classes into model %s: %s", len(order), model, ", ".join(order))
-        results = ResultsMatrix(len(order), METRICS)
+        with stage_pool(runner) as pool:
+            return self._stream(model, sources, runner, pool)
+
+    def _stream(
+        self, model: str, sources: list[TaskSource], runner: StageRunner, pool: Executor
+    ) -> RunResult:
+        """Learn `runner.workers` classes at a time; evaluate each version once it exists, ahead
+        of the next class; write versions in class order once evaluated."""
+        learning: dict[int, Future[list[StageRecord]]] = {}
+
+        def start(t: int) -> None:
+            if t < len(sources):
+                learning[t] = pool.submit(learn_class, sources[t], runner)
+
+        for t in range(runner.workers):
+            start(t)
+        results = ResultsMatrix(len(sources), METRICS)
         records: list[StageRecord] = []
-        for name in order:
-            step = AddTask(model, name, self.data, self.config, self.store, self.format)
-            version, learned, _ = learn(step, runner, check_files=False)
-            row = evaluate_version(version, self.routing, runner)
-            version = publish(step, version)  # a fresh model: no other run writes to it
-            results.set_row(version.version - 1, row.metrics)
-            records += learned + row.records
+        version: ModelVersion | None = None
+        unwritten: list[tuple[ModelVersion, list[Future[Evaluation]]]] = []
+        for t, source in enumerate(sources):
+            learned = learning.pop(t).result()
+            records += learned
+            entry = task_entry(self.store, source, learned)
+            version = next_version(model, version, entry, self.config)
+            unwritten.append((version, submit_evaluations(pool, runner, version, self.routing)))
+            while unwritten and (t == len(sources) - 1 or all(f.done() for f in unwritten[0][1])):
+                written, evaluations = unwritten.pop(0)
+                row = gather_row(written, evaluations)
+                step = AddTask(model, written.tasks[-1].name, self.data, self.config, self.store)
+                publish(step, written)  # a fresh model: no other run writes to it
+                results.set_row(written.version - 1, row.metrics)
+                records += row.records
+            start(t + runner.workers)
+        assert version is not None  # resolve_tasks never returns an empty order
         return _result(self, version, results, records, True)
 
 
@@ -186,7 +199,7 @@ class Row:
 
 
 def learn(
-    request: AddTask, runner: StageRunner, check_files: bool
+    request: AddTask, runner: StageRunner, pool: Executor, check_files: bool
 ) -> tuple[ModelVersion, list[StageRecord], bool]:
     """Run the class's stages and make the version that adds it (unless it is there already).
 
@@ -196,14 +209,13 @@ def learn(
     """
     store, model, task = request.store, request.model, request.task
     validate_name(model, "model name")
-    if request.routing not in ROUTINGS:
-        raise ValueError(f"routing must be one of {ROUTINGS}, got {request.routing!r}")
+    check_routing(request.routing)
     head = head_version(store, model)
     restored: list[StageRecord] = []
     if head is not None:
         check_same_config(head, request.config)
         check_version(store, head)  # never build a version on a damaged one
-        restored = restore(head, runner, store)
+        restored = restore(head, runner, pool, store)
     task_data = read_task(request.data, task, request.format)
     source = TaskSource.from_data(request.data, request.format, task_data)
     known = head.find(task) if head else None
@@ -221,13 +233,19 @@ def learn(
     if known is not None:
         log.info("class %s is already in model %s version %d", task, model, head.version)
         return head, restored + own, False
-    entry = TaskEntry(
-        name=task,
-        data=source,
-        **{record.stage: record.digest for record in own},
-        threshold=store.get("calibrate", own[-1].digest).attrs["threshold"],
-    )
+    entry = task_entry(store, source, own)
     return next_version(model, head, entry, request.config), restored + own, True
+
+
+def task_entry(store: ArtifactStore, source: TaskSource, learned: list[StageRecord]) -> TaskEntry:
+    """A class's manifest entry from its learning stages' records (`learn_class`)."""
+    digests = {record.stage: record.digest for record in learned}
+    return TaskEntry(
+        name=source.name,
+        data=source,
+        **digests,
+        threshold=store.get("calibrate", digests["calibrate"]).attrs["threshold"],
+    )
 
 
 def publish(request: AddTask, version: ModelVersion) -> ModelVersion:
@@ -249,15 +267,22 @@ def learn_class(source: TaskSource, runner: StageRunner) -> list[StageRecord]:
     return [structure, keys, prompts, knowledge, calibrate]
 
 
-def restore(version: ModelVersion, runner: StageRunner, store: ArtifactStore) -> list[StageRecord]:
+def restore(
+    version: ModelVersion, runner: StageRunner, pool: Executor, store: ArtifactStore
+) -> list[StageRecord]:
     """Compute again the class artifacts of `version` that are missing (moved aside by
     `ucad store verify --repair`, or deleted), from the classes' recorded data."""
-    records: list[StageRecord] = []
-    for task in version.tasks:
-        if all(store.has(stage, digest) for stage, digest in task.digests().items()):
-            continue
+    missing = [
+        task
+        for task in version.tasks
+        if not all(store.has(stage, digest) for stage, digest in task.digests().items())
+    ]
+    for task in missing:
         log.info("model %s: restoring the missing artifacts of class %s", version.ref, task.name)
-        learned = learn_class(task.data, runner)
+    learning = [pool.submit(learn_class, task.data, runner) for task in missing]
+    records: list[StageRecord] = []
+    for task, future in zip(missing, learning, strict=True):
+        learned = future.result()
         records += learned
         for record in learned:
             expected = getattr(task, record.stage)
@@ -287,16 +312,26 @@ def check_task_files(data: TaskData, config: Config) -> None:
     load_test_set(data.test, probe, config.workers)
 
 
-def evaluate_version(version: ModelVersion, routing: Routing, runner: StageRunner) -> Row:
-    """Evaluate every class of one version (a row of the results matrix)."""
+def submit_evaluations(
+    pool: Executor, runner: StageRunner, version: ModelVersion, routing: Routing
+) -> list[Future[Evaluation]]:
+    """Evaluate every class of one version (a row of the results matrix), as pool work."""
+    return [
+        pool.submit(runner, run_evaluate, version, j, routing) for j in range(len(version.tasks))
+    ]
+
+
+def gather_row(version: ModelVersion, evaluations: Sequence[Future[Evaluation]]) -> Row:
+    """The row of a version's evaluations; a class whose test images are gone stays empty."""
     metrics: dict[int, dict[str, float]] = {}
     records: list[StageRecord] = []
-    for j, task in enumerate(version.tasks):
+    for j, future in enumerate(evaluations):
         try:
-            evaluation = runner(run_evaluate, version, j, routing)
+            evaluation = future.result()
         except DataUnavailableError as err:
             # earlier classes' images may be gone: their entries stay empty (null)
-            log.warning("version %d, class %s not evaluated: %s", version.version, task.name, err)
+            name = version.tasks[j].name
+            log.warning("version %d, class %s not evaluated: %s", version.version, name, err)
             continue
         metrics[j] = evaluation.metrics
         records += evaluation.records
@@ -304,15 +339,19 @@ def evaluate_version(version: ModelVersion, routing: Routing, runner: StageRunne
 
 
 def evaluate_history(
-    store: ArtifactStore, model: str, head: ModelVersion, routing: Routing, runner: StageRunner
+    store: ArtifactStore, head: ModelVersion, routing: Routing, runner: StageRunner, pool: Executor
 ) -> tuple[ResultsMatrix, list[StageRecord]]:
     """Results matrix of versions 1..head: row v-1 evaluates every class of version v."""
+    versions = [
+        head if v == head.version else load_version(store, head.model, v)
+        for v in range(1, head.version + 1)
+    ]
+    submitted = [submit_evaluations(pool, runner, version, routing) for version in versions]
     results = ResultsMatrix(head.version, METRICS)
     records: list[StageRecord] = []
-    for v in range(1, head.version + 1):
-        version = head if v == head.version else load_version(store, model, v)
-        row = evaluate_version(version, routing, runner)
-        results.set_row(v - 1, row.metrics)
+    for version, evaluations in zip(versions, submitted, strict=True):
+        row = gather_row(version, evaluations)
+        results.set_row(version.version - 1, row.metrics)
         records += row.records
     return results, records
 
@@ -331,6 +370,11 @@ def resolve_tasks(
 def result_fields(config: Config) -> dict[str, Any]:
     """The config fields that decide what a model computes (all but RUNTIME_FIELDS)."""
     return {k: v for k, v in config.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
+
+
+def check_routing(routing: str) -> None:
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
 
 
 def check_same_config(head: ModelVersion, config: Config) -> None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -83,13 +84,18 @@ class Stage:
 
 @dataclass(frozen=True)
 class StageRecord:
-    """What one stage did in this run: `cached` means its artifact existed and nothing ran."""
+    """What one stage did in this run: `cached` means its artifact existed and nothing ran.
+
+    `raced`: another worker was computing the same artifact at the same time; this stage waited
+    for it (or computed it too and found it published first) and reports it cached.
+    """
 
     stage: str
     task: str
     digest: str
     cached: bool
     seconds: float
+    raced: bool = False
 
     @property
     def records(self) -> list[StageRecord]:
@@ -107,17 +113,31 @@ class Evaluation:
     records: list[StageRecord] = field(default_factory=list)
 
 
+Claim = Callable[[str], AbstractContextManager[object]]
+
+
+def no_claim(name: str) -> AbstractContextManager[object]:
+    """One process computes alone: nothing to coordinate."""
+    return nullcontext()
+
+
 class Runtime:
-    """Per-process state shared by the stages: config, store, and the models they load lazily."""
+    """Per-process state shared by the stages: config, store, and the models they load lazily.
+
+    `claim(name)` is held while a stage computes an artifact, so that workers of one cluster asked
+    for the same digest at once compute it once (ucad.cluster: a Dask lock); by default nothing.
+    """
 
     def __init__(
         self,
         config: Config,
         store: ArtifactStore,
         structure_source: StructureSource | None = None,
+        claim: Claim = no_claim,
     ) -> None:
         self.config = config
         self.store = store
+        self.claim = claim
         self._structure_source = structure_source  # a built one (bench: SAM with random weights)
         self._train: dict[str, np.ndarray] = {}
         self._test: dict[str, TestSet] = {}
@@ -170,6 +190,17 @@ class Runtime:
         return self._test[source.test]
 
 
+def process_runtime(config: Config, store_root: str) -> Runtime:
+    """This process's Runtime for a config and store: models load once per process (a flow's
+    process, a Dask worker), not once per stage."""
+    return _process_runtime(config.model_dump_json(), store_root)
+
+
+@lru_cache(maxsize=1)  # one config at a time; a long-lived process keeps only the latest
+def _process_runtime(config_json: str, store_root: str) -> Runtime:
+    return Runtime(Config.model_validate_json(config_json), ArtifactStore(store_root))
+
+
 def structure_source_for(
     config: Config, device: torch.device, precision: torch.dtype
 ) -> StructureSource:
@@ -213,13 +244,36 @@ def lookup(rt: Runtime, stage: Stage, task: str, inputs: dict[str, Any]) -> Stag
 def cached(
     rt: Runtime, stage: Stage, task: str, inputs: dict[str, Any], compute: Compute
 ) -> StageRecord:
-    """Look the stage's digest up in the store; compute and publish it only when absent."""
+    """Look the stage's digest up in the store; compute and publish it only when absent.
+
+    While computing, the runtime's claim on the digest is held: a worker that asks for it
+    meanwhile waits, then finds it published. Where no claim reaches (separate processes, a lost
+    claim), a racing computation is noticed before publishing and reported as cached too.
+    """
     record = lookup(rt, stage, task, inputs)
     if record.cached:
         return record
+    with rt.claim(f"ucad-{stage.name}-{record.digest}"):
+        if rt.store.has(stage.name, record.digest):
+            log.info("%s/%s: computed by another worker meanwhile", stage.name, task)
+            return replace(record, cached=True, raced=True)
+        return _compute(rt, stage, task, inputs, compute, record)
+
+
+def _compute(
+    rt: Runtime,
+    stage: Stage,
+    task: str,
+    inputs: dict[str, Any],
+    compute: Compute,
+    record: StageRecord,
+) -> StageRecord:
     log.info("%s/%s: computing", stage.name, task)
     started = time.perf_counter()
     arrays, attrs = compute()
+    if rt.store.has(stage.name, record.digest):  # published by a racing process meanwhile
+        log.info("%s/%s: computed by another process meanwhile", stage.name, task)
+        return replace(record, cached=True, raced=True)
     provenance = {
         "task": task,
         "config": rt.config.digest_fields(*stage.field_names(rt.config)),
@@ -229,7 +283,7 @@ def cached(
     rt.store.put(stage.name, record.digest, arrays, {**provenance, **attrs})
     seconds = time.perf_counter() - started
     log.info("%s/%s: done in %.1f s (%s)", stage.name, task, seconds, record.digest[:12])
-    return StageRecord(stage.name, task, record.digest, False, seconds)
+    return replace(record, seconds=seconds)
 
 
 def chunk_bounds(count: int, chunks: int) -> list[tuple[int, int]]:

@@ -47,8 +47,11 @@ def format_result(result: dict[str, Any], metrics: tuple[str, ...] = METRICS) ->
 def format_run(result: dict[str, Any]) -> str:
     """The tables of a run's JSON, then which model version it made and what it computed."""
     computed = sum(not stage["cached"] for stage in result["stages"])
+    raced = sum(stage.get("raced", False) for stage in result["stages"])
     unchanged = "" if result["new_version"] else " (unchanged)"
+    shared = f" ({raced} computed by another worker at the same time)" if raced else ""
     return (
         f"{format_result(result)}\n\nmodel {result['model']} version {result['version']}"
         f"{unchanged}; stages: {computed} computed, {len(result['stages']) - computed} cached"
+        f"{shared}"
     )
