@@ -160,6 +160,14 @@ def test_bench_runs_on_a_tiny_configuration_and_reports_every_figure(bench):
     assert [step["reextract_passes"] for step in steps] == [2 * test_images, 4 * test_images]
     assert all(step["learn_seconds"] > 0 and step["evaluate_seconds"] > 0 for step in steps)
 
+    # the stream's classes on 1 and 2 local Dask workers: the same stages, whatever the count
+    scale = report["scale_out"]
+    assert scale["classes"] == [step["task"] for step in steps]
+    assert [row["workers"] for row in scale["rows"]] == [1, 2] and scale["same_stages"] is True
+    assert scale["rows"][0]["computed"] == scale["rows"][1]["computed"] > 0
+    assert scale["speedup"] == scale["rows"][0]["seconds"] / scale["rows"][1]["seconds"]
+    assert f"speedup {scale['speedup']:.2f}x; the same stages computed: yes" in text
+
     assert report["settings"]["weights"] == "random weights: timing only"
     assert report["settings"]["structure"] == "superpixel"
     assert report["machine"]["cores"] >= 1 and report["machine"]["device"] == "cpu"

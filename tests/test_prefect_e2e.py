@@ -22,6 +22,7 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
+from conftest import STREAM_SMOKE
 from loopback import free_port
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
@@ -295,6 +296,31 @@ def test_benchmark_runs_each_unit_of_work_once(services, synth_root, tmp_path):
     kind, summary = artifacts[f"benchmark-{synth_root.name.lower()}-summary"]
     assert kind == "markdown" and "| routing_accuracy |" in summary and "forgetting" in summary
     assert _mlflow_runs(store) == {str(flow_run_id)}
+
+
+def test_the_benchmark_on_a_dask_cluster_equals_the_sequential_run(
+    services, synth_root, smoke_stream, tmp_path
+):
+    """The nightly deployment with `task_runner: dask`: the flow run starts a local cluster of 2
+    worker processes, each stage is one task run (no structure-map chunks), and the store ends
+    with the artifacts and figures of the sequential run in this process."""
+    _, reference = smoke_stream
+    store = tmp_path / "dask-store"
+    overrides = {**STREAM_SMOKE, "task_runner": "dask", "max_workers": 2}
+    flow_run_id = _run(
+        services, "ucad-benchmark/nightly", data=str(synth_root), preset="smoke", synth="false",
+        store=str(store), model="stream", overrides=json.dumps(overrides), tracking="false",
+    )  # fmt: skip
+    classes = ["grain", "nut", "stripes"]
+    learned = {f"{stage}-{name}" for stage in CLASS_STAGES for name in classes}
+    evaluations = {f"evaluate-{classes[j]}-v{v}" for v in (1, 2, 3) for j in range(v)}
+    states = _task_states(services, flow_run_id, len(learned) + len(evaluations))
+    assert set(states) == learned | evaluations and set(states.values()) == {"Completed"}
+    ours, theirs = ArtifactStore(store), ArtifactStore(reference)
+    assert set(ours.artifacts()) == set(theirs.artifacts())
+    for _, digest in ours.artifacts("evaluate"):
+        expected = theirs.get("evaluate", digest).attrs["metrics"]
+        assert ours.get("evaluate", digest).attrs["metrics"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_deploying_queues_no_nightly_run(services):

@@ -33,6 +33,7 @@ from torch import Tensor
 from ucad import __version__, scoring
 from ucad.bench_method import paper_class_seconds, precision_figures
 from ucad.bench_passes import forward_passes, training_passes, warm_up
+from ucad.bench_scale import scale_out
 from ucad.calibration import calibration_split
 from ucad.config import Config, load_config
 from ucad.continual import AddTask
@@ -213,6 +214,7 @@ class BenchSettings:
     images: int = 16  # training images per class; tests: images // 2 good + images defective
     classes: int = 10  # classes in the stream
     structure: str = "auto"  # auto: SAM if its weights are on disk, else superpixels
+    scale_out: int = 4  # the stream's first classes run on 1 and 2 Dask workers (0: skip)
 
 
 def bench_settings(
@@ -224,6 +226,7 @@ def bench_settings(
     epochs: int = 1,
     device: str | None = None,
     structure: str = "auto",
+    scale_out: int = 4,
 ) -> BenchSettings:
     """Validate the request: the preset's architecture with random weights and `epochs` epochs."""
     if images < 2:
@@ -232,6 +235,8 @@ def bench_settings(
         raise ValueError(f"--classes must be at least 1, got {classes}")
     if epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {epochs}")
+    if scale_out < 0:
+        raise ValueError(f"--scale-out must be at least 0, got {scale_out}")
     if structure not in ("auto", "sam", "superpixel"):
         raise ValueError(f"--structure must be auto, sam or superpixel, got {structure!r}")
     forced = {"pretrained": False, "epochs": epochs, **({"device": device} if device else {})}
@@ -242,6 +247,7 @@ def bench_settings(
         images=images,
         classes=classes,
         structure=structure,
+        scale_out=min(scale_out, classes),
     )
 
 
@@ -266,6 +272,11 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
         report = _measure_class(rt, meter, data, names[0])
         log(f"a stream of {len(names)} classes with the smoke backbone ...")
         report["stream"] = _measure_stream(settings.stream_config, meter, data, names, root)
+        report["scale_out"] = None
+        if settings.scale_out:
+            log(f"the first {settings.scale_out} classes on 1 and 2 local Dask workers ...")
+            stream = names[: settings.scale_out]
+            report["scale_out"] = scale_out(settings.stream_config, data, stream, root)
     report["settings"] = {
         "images": settings.images,
         "classes": settings.classes,

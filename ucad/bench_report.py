@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ucad.bench import MEMORY_STAGES
+from ucad.bench_scale import format_scale_out
 
 # Tables ------------------------------------------------------------------------------------------
 
@@ -33,6 +34,7 @@ def format_report(report: dict[str, Any]) -> str:
             _precision_table(report),
             _structure_lines(report),
             _stream_table(report),
+            format_scale_out(report.get("scale_out")),
             _target_lines(report),
         ]
     )

@@ -149,6 +149,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         epochs=args.epochs,
         device=args.device,
         structure=args.structure,
+        scale_out=args.scale_out,
     )
     report = run_bench(settings)
     print(format_report(report))
@@ -336,6 +337,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="structure source to time; auto: SAM if its weights are on disk, else superpixels; "
         "sam: SAM, with random weights if its own are missing (minutes per image on a CPU)",
+    )
+    speed.add_argument(
+        "--scale-out",
+        type=int,
+        default=4,
+        metavar="K",
+        help="time the first K classes of the stream on a local Dask cluster of 1 and of 2 "
+        "workers (needs ucad[dask]; 0: skip; default 4)",
     )
     speed.add_argument("--json", type=Path, help="write all figures to this JSON file")
     speed.set_defaults(run=cmd_bench)
