@@ -100,15 +100,21 @@ def test_the_ucad_command_on_two_workers_equals_the_sequential_run(
 ):
     reference, _ = smoke_stream
     path = tmp_path / "run.json"
-    args = ["benchmark", "--data", str(synth_root), "--preset", "smoke", "--no-tracking"]
-    args += ["--store", str(tmp_path / "store"), "--json", str(path)]
+    common = ["--data", str(synth_root), "--preset", "smoke", "--no-tracking"]
+    common += ["--store", str(tmp_path / "store"), "--json", str(path)]
     for field, value in DASK.items():
-        args += ["--set", f"{field}={value}"]
-    assert main(args) == 0
+        common += ["--set", f"{field}={value}"]
+    assert main(["benchmark", *common, "--model", "stream"]) == 0
     result = json.loads(path.read_text())
     same_outcome(result, reference)
     assert computations(result) == computations(reference) == len(reference["stages"])
     assert [r["task"] for r in result["stages"] if r["stage"] == "calibrate"] == reference["tasks"]
+
+    # add-task on Dask too: the class is there, every version's evaluation is found in the store
+    assert main(["add-task", *common, "--model", "stream", "--task", "nut"]) == 0
+    again = json.loads(path.read_text())
+    assert again["new_version"] is False and computations(again) == 0
+    assert again["matrix"] == result["matrix"]
 
 
 def test_a_worker_killed_mid_stream_changes_nothing(

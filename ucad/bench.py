@@ -276,7 +276,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
         if settings.scale_out:
             log(f"the first {settings.scale_out} classes on 1 and 2 local Dask workers ...")
             stream = names[: settings.scale_out]
-            report["scale_out"] = scale_out(settings.stream_config, data, stream, root)
+            report["scale_out"] = scale_out(settings.stream_config, data, stream, root, log)
     report["settings"] = {
         "images": settings.images,
         "classes": settings.classes,

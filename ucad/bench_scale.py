@@ -8,6 +8,7 @@ the digests) must be the same; the report says whether they are.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,16 @@ from ucad.store import ArtifactStore
 WORKER_COUNTS = (1, 2)
 
 
-def scale_out(config: Config, data: Path, names: list[str], root: Path) -> dict[str, Any]:
-    """Wall time of the stream `names` with 1 and 2 local Dask workers (cluster start apart)."""
+def scale_out(
+    config: Config, data: Path, names: list[str], root: Path, log: Callable[[str], None]
+) -> dict[str, Any] | None:
+    """Wall time of the stream `names` with 1 and 2 local Dask workers (cluster start apart);
+    None where Dask is not installed."""
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        log('scale-out not measured: it needs distributed (pip install "ucad[dask]")')
+        return None
     rows = []
     for workers in WORKER_COUNTS:
         settings = config.model_copy(update={"task_runner": "dask", "max_workers": workers})
@@ -53,7 +62,7 @@ def scale_out(config: Config, data: Path, names: list[str], root: Path) -> dict[
 
 def format_scale_out(scale: dict[str, Any] | None) -> str:
     if not scale:
-        return "scale-out: not measured (--scale-out 0)"
+        return "scale-out: not measured (--scale-out 0, or ucad[dask] not installed)"
     lines = [
         f"a stream of {len(scale['classes'])} classes on a local Dask cluster, backbone "
         f"{scale['backbone']} (cluster start not included)",

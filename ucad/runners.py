@@ -87,9 +87,12 @@ def stage_pool(runner: StageRunner) -> Iterator[Executor]:
     if runner.workers <= 1:
         yield InlineExecutor()
         return
-    with ContextThreads(max_workers=runner.workers, thread_name_prefix="ucad-stage") as pool:
-        try:
-            yield pool
-        except BaseException:
-            pool.shutdown(cancel_futures=True)  # an error stops what has not started
-            raise
+    pool = ContextThreads(max_workers=runner.workers, thread_name_prefix="ucad-stage")
+    try:
+        yield pool
+    except BaseException:
+        # an error or Ctrl-C: drop what has not started, and do not wait for stages in flight
+        # (closing the runner, e.g. its Dask client, ends those waits)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
