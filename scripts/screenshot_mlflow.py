@@ -14,15 +14,12 @@ of the tests; needs `chromium` (Debian: `apt-get install chromium`) and `pip ins
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from screenshots import browser_page, free_port, start_server, stop, wait_for
 
 from ucad.config import load_config
 from ucad.continual import Replay
@@ -33,48 +30,6 @@ from ucad.ui import LIGHT_ENV, chart_url, server_command
 
 SMOKE = {"epochs": 1, "key_size": 32, "knowledge_size": 64}
 SEEDS = (0, 1)
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def start_server(root: Path, port: int) -> subprocess.Popen:
-    database = f"sqlite:///{root / 'mlflow.db'}"
-    artifacts = (root / "mlflow-artifacts").as_uri()
-    env = {**os.environ, **LIGHT_ENV}
-    log = open(root / "server.log", "w")
-    return subprocess.Popen(
-        server_command(database, artifacts, "127.0.0.1", port),
-        stdout=log,
-        stderr=log,
-        env=env,
-        start_new_session=True,
-    )
-
-
-def wait_for(uri: str, server: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"mlflow server at {uri} did not come up")
-
-
-def stop(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
 
 
 def run_benchmarks(root: Path, uri: str) -> list[str]:
@@ -100,17 +55,8 @@ def compare_url(uri: str, run_ids: list[str]) -> str:
 
 def screenshot(url: str, out: Path, charts: str) -> None:
     """Open `url`, keep the charts whose name contains `charts`, save the page as PNG."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        raise RuntimeError("needs playwright: pip install playwright") from None
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        raise RuntimeError("chromium not found (Debian: apt-get install chromium)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1250})
+    with browser_page(1600, 1250) as page:
         page.goto(url)
         page.wait_for_selector("text=seed=1", timeout=60_000)
         close = page.get_by_role("button", name="Close")  # the assistant panel, if it opens
@@ -121,7 +67,6 @@ def screenshot(url: str, out: Path, charts: str) -> None:
         page.add_style_tag(content=".modebar-container { display: none !important; }")
         page.wait_for_timeout(3000)  # charts draw after their data arrives
         page.screenshot(path=out)
-        browser.close()
 
 
 def main() -> None:
@@ -133,18 +78,18 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="ucad-mlflow-"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    server = start_server(root, port)
+    database, artifacts = f"sqlite:///{root / 'mlflow.db'}", (root / "mlflow-artifacts").as_uri()
+    command = server_command(database, artifacts, "127.0.0.1", port)
+    server = start_server(command, root / "server.log", LIGHT_ENV)
     try:
-        wait_for(uri, server)
+        wait_for(uri, server, "mlflow server", timeout=180)
         url = compare_url(uri, run_ids=run_benchmarks(root, uri))
         screenshot(url, args.out, args.charts)
         print(f"wrote {args.out} from {url}")
     finally:
-        stop(server)
+        stop(server, timeout=20)
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
 

@@ -17,26 +17,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
+
+from screenshots import browser_page, free_port, start_server, stop, wait_for
 
 SMOKE = {"epochs": 1, "key_size": 32, "knowledge_size": 64, "max_workers": 2}
 CLASSES = ("grain", "nut", "stripes")
-CHROMIUM_FLAGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def settings(root: Path, port: int) -> dict[str, str]:
@@ -52,36 +40,9 @@ def settings(root: Path, port: int) -> dict[str, str]:
     }
 
 
-def start_server(root: Path, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "prefect", "server", "start",
-               "--host", "127.0.0.1", "--port", str(port), "--no-scheduler"]  # fmt: skip
-    log = open(root / "server.log", "w")
-    return subprocess.Popen(
-        command,
-        stdout=log,
-        stderr=log,
-        env={**os.environ, **settings(root, port)},
-        start_new_session=True,
-    )
-
-
-def wait_for(api: str, server: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"Prefect server at {api} did not come up")
-
-
-def stop(server: subprocess.Popen) -> None:
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-        server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(server.pid, signal.SIGKILL)
+def server_command(port: int) -> list[str]:
+    return [sys.executable, "-m", "prefect", "server", "start",
+            "--host", "127.0.0.1", "--port", str(port), "--no-scheduler"]  # fmt: skip
 
 
 def run_flows(root: Path) -> str:
@@ -105,17 +66,8 @@ def run_flows(root: Path) -> str:
 
 def screenshot(url: str, out: Path) -> None:
     """The flow run's task runs, then its artifacts, as PNGs in `out`."""
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        raise RuntimeError("needs playwright: pip install playwright") from None
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        raise RuntimeError("chromium not found (Debian: apt-get install chromium)")
     out.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
-        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    with browser_page(1500, 1100) as page:
         page.goto(url)
         try:
             _take(page, out)
@@ -123,7 +75,6 @@ def screenshot(url: str, out: Path) -> None:
             page.screenshot(path=out / "prefect-failed.png")
             (out / "prefect-failed.html").write_text(page.content())
             raise
-        browser.close()
 
 
 def _take(page, out: Path) -> None:
@@ -150,21 +101,19 @@ def main() -> None:
     args = parser.parse_args()
     root = args.root or Path(tempfile.mkdtemp(prefix="ucad-prefect-"))
     root.mkdir(parents=True, exist_ok=True)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     os.environ.update(settings(root, port))  # before Prefect is imported
-    server = start_server(root, port)
+    server = start_server(server_command(port), root / "server.log", settings(root, port))
     done = root / "flow-run.txt"
     try:
-        wait_for(os.environ["PREFECT_API_URL"], server)
+        wait_for(os.environ["PREFECT_API_URL"], server, "Prefect server", timeout=300)
         if not done.exists():
             done.write_text(run_flows(root))
         url = f"http://127.0.0.1:{port}/runs/flow-run/{done.read_text()}"
         screenshot(url, args.out)
         print(f"wrote {args.out / 'prefect-flow-run.png'} and prefect-artifacts.png from {url}")
     finally:
-        stop(server)
+        stop(server, timeout=30)
         if not (args.keep or args.root):
             shutil.rmtree(root, ignore_errors=True)
 

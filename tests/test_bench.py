@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from ucad.bench import Meter
+from ucad.bench_meter import Meter
 from ucad.cli import main
 
 TINY = [
@@ -225,21 +225,23 @@ def test_bench_marks_each_target_met_or_missed_from_its_figures(bench):
 
 
 def test_bench_paper_preset_times_superpixels_when_sam_weights_are_missing():
-    from ucad.bench import _structure, bench_settings
+    from ucad.bench import bench_settings
+    from ucad.bench_structure import structure_choice
 
     settings = bench_settings("paper", images=2, classes=1)
-    config, source, note = _structure(settings)
+    config, source, note = structure_choice(settings.config, settings.structure)
     assert config.structure == "superpixel" and source is None
     assert "SAM weights not on disk" in note
     assert not settings.config.pretrained and settings.config.epochs == 1
 
 
 def test_bench_times_sam_with_random_weights_only_when_asked():
-    from ucad.bench import _structure, bench_settings
+    from ucad.bench import bench_settings
+    from ucad.bench_structure import structure_choice
     from ucad.structure import BatchedSamStructure
 
     settings = bench_settings("paper", images=2, classes=1, structure="sam")
-    config, source, note = _structure(settings)
+    config, source, note = structure_choice(settings.config, settings.structure)
     assert config.structure == "sam" and isinstance(source, BatchedSamStructure)
     assert note == "SAM vit_b, random weights: timing only"
 

@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from flows.tasks import finish
-from ucad.config import load_config
-from ucad.continual import RUNTIME_FIELDS
+from ucad.config import RUNTIME_FIELDS, load_config
 from ucad.data.datasets import read_task
 from ucad.data.source import TaskSource
 from ucad.pipeline import Evaluation, Runtime, StageRecord, chunk_bounds, process_runtime

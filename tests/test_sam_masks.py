@@ -1,3 +1,4 @@
+import dataclasses
 from functools import partial
 
 import numpy as np
@@ -11,19 +12,20 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from ucad.sam_masks import SamMaskGenerator, resize_matrix
+from ucad.config import Config
+from ucad.sam_masks import SamMaskGenerator, SamSettings, resize_matrix
 from ucad.structure import (
     BatchedSamStructure,
     SamStructure,
     compare_with_reference,
+    config_settings,
     make_structure_source,
     partition_agreement,
 )
 
 IMG_SIZE = 128  # the encoder's input side; images are resized to it as SAM does with 1024
 # Thresholds that drop about a third of the candidates each, on the model below.
-SETTINGS = dict(
-    device="cpu",
+SETTINGS = SamSettings(
     points_per_side=8,
     pred_iou_thresh=0.43,
     stability_score_thresh=0.6,
@@ -110,8 +112,8 @@ def model() -> Sam:
 @pytest.mark.parametrize("shape", [(64, 64), (48, 64)])
 def test_masks_and_maps_match_the_reference_generator(model, shape):
     images = block_images(4, *shape)
-    fast = BatchedSamStructure(model, **SETTINGS, batch_size=3)
-    reference = SamStructure(model, **SETTINGS)
+    fast = BatchedSamStructure(model, "cpu", SETTINGS, batch_size=3)
+    reference = SamStructure(model, "cpu", SETTINGS)
     masks = fast.generator.generate(images)
     counts = [len(image_masks) for image_masks in masks]
     assert min(counts) >= 5, counts  # enough masks survive: the comparison is not vacuous
@@ -128,18 +130,18 @@ def test_masks_and_maps_match_the_reference_generator(model, shape):
 
 def test_batched_maps_equal_one_by_one(model):
     images = block_images(3, 64, 64, seed=1)
-    batched = BatchedSamStructure(model, **SETTINGS, batch_size=3).label_maps(images)
-    single = BatchedSamStructure(model, **SETTINGS, batch_size=1)
+    batched = BatchedSamStructure(model, "cpu", SETTINGS, batch_size=3).label_maps(images)
+    single = BatchedSamStructure(model, "cpu", SETTINGS, batch_size=1)
     assert len(np.unique(batched)) > 3
     np.testing.assert_array_equal(batched, np.stack([single.label_map(image) for image in images]))
 
 
 def test_bf16_autocast_gives_maps(model):
     images = block_images(2, 64, 64)
-    source = BatchedSamStructure(model, **SETTINGS, autocast_dtype=torch.bfloat16)
+    source = BatchedSamStructure(model, "cpu", SETTINGS, autocast_dtype=torch.bfloat16)
     maps = source.label_maps(images)
     assert maps.shape == (2, 64, 64) and maps.dtype == np.int32
-    reference = SamStructure(model, **SETTINGS, autocast_dtype=torch.bfloat16)
+    reference = SamStructure(model, "cpu", SETTINGS, autocast_dtype=torch.bfloat16)
     assert reference.label_map(images[0]).shape == (64, 64)
 
 
@@ -159,7 +161,7 @@ def model_free_postprocess(logits, img_size, input_size, size):
 
 
 def test_generator_rejects_bad_input(model):
-    generator = SamMaskGenerator(model, device="cpu", points_per_side=2)
+    generator = SamMaskGenerator(model, SamSettings(points_per_side=2), "cpu")
     with pytest.raises(ValueError, match="uint8"):
         generator.generate(np.zeros((1, 8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="batch_size"):
@@ -171,9 +173,11 @@ def test_make_structure_source_builds_fast_and_reference(tmp_path, model, monkey
     torch.save(model.state_dict(), path)
     # "vit_b" builds the small architecture here; the weights must come from the file.
     registry = {"vit_b": lambda checkpoint=None: small_sam(seed=0)}
-    monkeypatch.setattr("ucad.structure.sam_model_registry", registry)
-    fast = make_structure_source("sam", checkpoint=path, **SETTINGS)
-    reference = make_structure_source("sam_reference", checkpoint=path, **SETTINGS)
+    monkeypatch.setattr("ucad.sam_checkpoints.sam_model_registry", registry)
+    # The settings as one SamSettings, or field by field (as ucad.pipeline passes them).
+    fast = make_structure_source("sam", checkpoint=path, device="cpu", settings=SETTINGS)
+    fields = dataclasses.asdict(SETTINGS)
+    reference = make_structure_source("sam_reference", checkpoint=path, device="cpu", **fields)
     assert isinstance(fast, BatchedSamStructure) and fast.name == "sam"
     assert isinstance(reference, SamStructure) and reference.name == "sam_reference"
     for source in (fast, reference):  # both loaded the file's weights, not seed 0's
@@ -181,10 +185,21 @@ def test_make_structure_source_builds_fast_and_reference(tmp_path, model, monkey
             torch.testing.assert_close(source.model.state_dict()[name], value)
 
 
+def test_config_settings_are_the_configs_sam_fields():
+    config = Config(sam_points_per_side=8, sam_pred_iou_thresh=0.5, sam_box_nms_thresh=0.6)
+    assert config_settings(config) == SamSettings(
+        points_per_side=8, pred_iou_thresh=0.5, stability_score_thresh=0.95, box_nms_thresh=0.6
+    )
+    assert config_settings(config, torch.float32).autocast_dtype is None
+    assert config_settings(config, torch.bfloat16).autocast_dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="points_per_sid"):
+        SamSettings.of(config_settings(config), points_per_sid=4)
+
+
 def test_compare_with_reference_reports(model):
     images = block_images(2, 64, 64)
     report = compare_with_reference(
-        BatchedSamStructure(model, **SETTINGS), SamStructure(model, **SETTINGS), images, 8
+        BatchedSamStructure(model, "cpu", SETTINGS), SamStructure(model, "cpu", SETTINGS), images, 8
     )
     assert set(report) == {
         "reference_s_per_image",

@@ -12,7 +12,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
-from ucad import structure
+from ucad import sam_checkpoints
 from ucad.backbone import WeightsUnavailableError
 from ucad.structure import (
     SamCheckpoint,
@@ -253,7 +253,7 @@ def served(tmp_path):
 
 def test_download_verifies_and_caches(tmp_path, served, monkeypatch):
     url, payload, sha = served
-    monkeypatch.setitem(structure.SAM_CHECKPOINTS, "vit_b", SamCheckpoint(url, sha))
+    monkeypatch.setitem(sam_checkpoints.SAM_CHECKPOINTS, "vit_b", SamCheckpoint(url, sha))
     monkeypatch.setenv("UCAD_CACHE", str(tmp_path / "cache"))
     path = resolve_sam_checkpoint("vit_b", None)
     assert path == tmp_path / "cache" / "sam" / "sam_vit_b_01ec64.pth"
@@ -263,13 +263,13 @@ def test_download_verifies_and_caches(tmp_path, served, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("a cached checkpoint must not be downloaded again")
 
-    monkeypatch.setattr(structure.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(sam_checkpoints.urllib.request, "urlopen", no_network)
     assert resolve_sam_checkpoint("vit_b", None) == path
 
 
 def test_download_with_bad_checksum_leaves_nothing(tmp_path, served, monkeypatch):
     url, _, _ = served
-    monkeypatch.setitem(structure.SAM_CHECKPOINTS, "vit_b", SamCheckpoint(url, "0" * 64))
+    monkeypatch.setitem(sam_checkpoints.SAM_CHECKPOINTS, "vit_b", SamCheckpoint(url, "0" * 64))
     cache = tmp_path / "cache"
     with pytest.raises(WeightsUnavailableError, match="SHA-256"):
         resolve_sam_checkpoint("vit_b", None, cache_dir=cache)
@@ -278,7 +278,7 @@ def test_download_with_bad_checksum_leaves_nothing(tmp_path, served, monkeypatch
 
 def test_download_failure_says_how_to_provide_the_file(tmp_path, monkeypatch):
     url = (tmp_path / "nowhere" / "sam_vit_h_4b8939.pth").as_uri()
-    monkeypatch.setitem(structure.SAM_CHECKPOINTS, "vit_h", SamCheckpoint(url, "0" * 64))
+    monkeypatch.setitem(sam_checkpoints.SAM_CHECKPOINTS, "vit_h", SamCheckpoint(url, "0" * 64))
     cache = tmp_path / "cache"
     with pytest.raises(WeightsUnavailableError) as error:
         resolve_sam_checkpoint("vit_h", None, cache_dir=cache)

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,17 +81,20 @@ def test_clear_errors_without_runs_or_without_a_place(tmp_path, monkeypatch):
         cmd_ui(_parse("--store", "memory://ucad-ui-test"))
 
 
-def _group(pid: int) -> list[int]:
-    """Processes of the process group `pid` leads (the server and its workers)."""
-    found = []
+def _processes() -> Iterator[tuple[int, list[str]]]:
+    """(pid, fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, ...) of
+    every process still there."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
-    return found
+        yield int(stat.parent.name), fields
+
+
+def _group(pid: int) -> list[int]:
+    """Processes of the process group `pid` leads (the server and its workers)."""
+    return [p for p, fields in _processes() if int(fields[2]) == pid and fields[0] != "Z"]
 
 
 def _lines(stream) -> queue.Queue:
@@ -158,13 +162,4 @@ def test_ucad_ui_serves_the_store_and_prints_the_link(database):
 def _children_groups(pid: int) -> list[int]:
     """Process groups led by children of `pid` (the server ucad started in a session of its
     own)."""
-    groups = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        child = int(stat.parent.name)
-        if int(fields[1]) == pid and int(fields[2]) == child:
-            groups.append(child)
-    return groups
+    return [p for p, fields in _processes() if int(fields[1]) == pid and int(fields[2]) == p]

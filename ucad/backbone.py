@@ -110,26 +110,39 @@ class PromptedViT(nn.Module):
             elif self.prompt_mode == "additive":
                 x = block(x + prompts[i].to(x.dtype))
             else:
-                x = _block_with_prefix(block, x, prompts[i])
+                x = block_with_prefix(block, x, _shared_prefix(block.attn, x, prompts[i]))
         return x[:, self.num_prefix_tokens :]
 
 
-def _block_with_prefix(block: nn.Module, x: Tensor, prefix: Tensor) -> Tensor:
-    """A timm ViT block whose attention also attends to prefix key/value tokens."""
-    x = x + block.drop_path1(block.ls1(_attention_with_prefix(block.attn, block.norm1(x), prefix)))
+def _shared_prefix(attn: nn.Module, x: Tensor, prefix: Tensor) -> Tensor:
+    """One task's prefix (2, P, D) as every image's key and value tokens
+    (2, B, heads, P, head_dim), in the dtype `x` computes in (autocast)."""
+    heads, head_dim = attn.num_heads, attn.head_dim
+    prefix = prefix.to(x.dtype).reshape(2, 1, -1, heads, head_dim).transpose(2, 3)
+    return prefix.expand(-1, x.shape[0], -1, -1, -1)
+
+
+def block_with_prefix(block: nn.Module, x: Tensor, prefix_kv: Tensor) -> Tensor:
+    """timm's pre-norm ViT Block whose attention also attends to prefix key/value tokens.
+
+    `prefix_kv`: (2, B, heads, P, head_dim), the keys then the values, one set per image. The
+    ONNX export (`ucad.onnx_graph`) runs this same code with a different prefix per image.
+    """
+    attended = attention_with_prefix(block.attn, block.norm1(x), prefix_kv)
+    x = x + block.drop_path1(block.ls1(attended))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
 
 
-def _attention_with_prefix(attn: nn.Module, x: Tensor, prefix: Tensor) -> Tensor:
+def attention_with_prefix(attn: nn.Module, x: Tensor, prefix_kv: Tensor) -> Tensor:
+    """timm's Attention.forward with `prefix_kv` (see `block_with_prefix`) put before its own
+    keys and values."""
     batch, tokens, _ = x.shape
     heads, head_dim = attn.num_heads, attn.head_dim
     qkv = attn.qkv(x).reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    # prefix: (2, P, D) -> key and value tokens (B, heads, P, head_dim)
-    prefix = prefix.to(x.dtype).reshape(2, 1, -1, heads, head_dim).transpose(2, 3)
-    k = torch.cat([prefix[0].expand(batch, -1, -1, -1), k], dim=2)
-    v = torch.cat([prefix[1].expand(batch, -1, -1, -1), v], dim=2)
+    k = torch.cat([prefix_kv[0], k], dim=2)
+    v = torch.cat([prefix_kv[1], v], dim=2)
     out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
     out = out.transpose(1, 2).reshape(batch, tokens, -1)
     out = attn.norm(out) if hasattr(attn, "norm") else out

@@ -14,130 +14,39 @@ evaluation time grow along a stream.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import platform
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from segment_anything import sam_model_registry
 from torch import Tensor
 
-from ucad import __version__, scoring
+from ucad import scoring
+from ucad.bench_meter import Meter, MeteredRunner, Reading, machine
 from ucad.bench_method import paper_class_seconds, precision_figures
 from ucad.bench_passes import forward_passes, training_passes, warm_up
-from ucad.bench_scale import scale_out
+from ucad.bench_stream import measure_stream, scale_out
+from ucad.bench_structure import structure_choice, structure_comparison
+from ucad.bench_targets import FLOOR_TARGETS, targets
 from ucad.calibration import calibration_split
 from ucad.config import Config, load_config
 from ucad.continual import AddTask
-from ucad.data.datasets import read_task
-from ucad.data.synth import generate
+from ucad.data.synth import LAYOUT, generate
 from ucad.manifest import TaskEntry, load_version
 from ucad.memory import TaskMemory, score_images
 from ucad.pipeline import Runtime, StageRecord
-from ucad.provenance import peak_rss_bytes, reset_peak_rss
-from ucad.runners import LocalRunner, StageRunner
+from ucad.runners import LocalRunner
 from ucad.stages.features import extract_features
 from ucad.store import ArtifactStore
-from ucad.structure import (
-    SAM_CHECKPOINTS,
-    BatchedSamStructure,
-    SamStructure,
-    compare_with_reference,
-    default_cache_dir,
-)
 
 MODEL = "bench"
-FORMAT = "mvtec"
 SCALING_CLASSES = (1, 10, 100)
 MEMORY_STAGES = ("keys", "prompts", "knowledge")  # what a model keeps per class
 # Targets. Largest allowed stage time / floor time:
-FLOOR_TARGETS = {"keys": 1.2, "prompts": 1.3, "knowledge": 1.2, "inference": 1.3}
-# and the others:
-KEY_SEARCH_SHARE_TARGET = 0.10  # key search with 100 classes, as a share of inference
-RERUN_TARGET = 0.02  # identical rerun through the cached pipeline, as a share of the first run
-BYTES_PER_CLASS_TARGET = 1.3e6  # keys + prompts + knowledge on disk, at the paper preset
-BF16_SPEEDUP_TARGETS = {"epoch": 1.5, "inference": 1.8}  # on hardware with native bf16
-FLAT_EVALUATION_TARGET = 1.5  # evaluate seconds of the last stream step / the first
-STRUCTURE_SPEEDUP_TARGET = 10.0  # segment-anything's generator seconds / ours, same images
-STRUCTURE_AGREEMENT_TARGET = 0.95  # Rand index of the two partitions at the patch grid
-# Fields that fix the size of a class's memory: the byte target applies when they are the paper's.
-MEMORY_FIELDS = ("backbone", "feature_layer", "image_size", "prompt_mode", "prompt_length")
-MEMORY_FIELDS += ("key_size", "knowledge_size")
-
-
-# Measuring ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class Reading:
-    """Wall time and peak memory of one measured block (filled in when the block ends)."""
-
-    seconds: float = 0.0
-    peak_bytes: int | None = None
-
-
-class Meter:
-    """Times blocks of work and records their peak memory.
-
-    On the CPU, peak memory is the process's peak resident set size during the block (Linux resets
-    the high-water mark through /proc/self/clear_refs; elsewhere it is the peak since the process
-    started). On CUDA it is the peak of memory allocated by PyTorch on the device.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.memory_kind = "CUDA allocated" if device.type == "cuda" else "process RSS"
-        if device.type != "cuda" and not reset_peak_rss():
-            self.memory_kind = "process RSS since start"
-
-    @contextlib.contextmanager
-    def measure(self) -> Iterator[Reading]:
-        reading = Reading()
-        self._synchronize()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            reset_peak_rss()
-        start = time.perf_counter()
-        try:
-            yield reading
-        finally:
-            self._synchronize()
-            reading.seconds = time.perf_counter() - start
-            reading.peak_bytes = self._peak_bytes()
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def _peak_bytes(self) -> int | None:
-        if self.device.type == "cuda":
-            return int(torch.cuda.max_memory_allocated(self.device))
-        return peak_rss_bytes()
-
-
-class MeteredRunner:
-    """A StageRunner that measures every stage call it passes on."""
-
-    def __init__(self, runner: StageRunner, meter: Meter) -> None:
-        self.runner = runner
-        self.workers = runner.workers
-        self.meter = meter
-        self.calls: list[tuple[str, Reading]] = []
-
-    def __call__(self, stage: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        with self.meter.measure() as reading:
-            result = self.runner(stage, *args, **kwargs)
-        self.calls.append((stage.__name__.removeprefix("run_"), reading))
-        return result
 
 
 # Figures -----------------------------------------------------------------------------------------
@@ -178,28 +87,6 @@ class StageFigure:
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
-
-
-@dataclass(frozen=True)
-class Target:
-    """One checked figure: met when `value <= limit` (`value >= limit` for an `at_least`
-    target); None when it does not apply."""
-
-    name: str
-    value: float | None
-    limit: float
-    applies: bool = True
-    why_not: str = ""
-    at_least: bool = False
-
-    @property
-    def met(self) -> bool | None:
-        if not self.applies or self.value is None:
-            return None
-        return self.value >= self.limit if self.at_least else self.value <= self.limit
-
-    def as_json(self) -> dict[str, Any]:
-        return {**asdict(self), "met": self.met}
 
 
 # The bench ---------------------------------------------------------------------------------------
@@ -265,13 +152,14 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
             test_good=max(1, settings.images // 2),
             test_defect=settings.images,
         )
-        config, structure_source, structure_note = _structure(settings)
+        choice = structure_choice(settings.config, settings.structure)
+        config, structure_source, structure_note = choice
         rt = Runtime(config, ArtifactStore(root / "store"), structure_source)
         meter = Meter(rt.device)
         log(f"one class ({names[0]}) through the pipeline, backbone {config.backbone} ...")
         report = _measure_class(rt, meter, data, names[0])
         log(f"a stream of {len(names)} classes with the smoke backbone ...")
-        report["stream"] = _measure_stream(settings.stream_config, meter, data, names, root)
+        report["stream"] = measure_stream(settings.stream_config, meter, data, names, root)
         report["scale_out"] = None
         if settings.scale_out:
             log(f"the first {settings.scale_out} classes on 1 and 2 local Dask workers ...")
@@ -293,59 +181,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = print) -> di
         structure["s_per_image"] if structure else None,
         structure_note,
     )
-    report["targets"] = [t.as_json() for t in _targets(report, config)]
+    report["targets"] = [t.as_json() for t in targets(report, config)]
     return report
-
-
-def _structure(settings: BenchSettings) -> tuple[Config, BatchedSamStructure | None, str]:
-    """The structure source to time, and the line that says which one it is.
-
-    `auto` times SAM only with its real weights on disk; `sam` times SAM with random weights when
-    they are missing (speed does not depend on them, but on a CPU it takes minutes per image).
-    """
-    config, choice, fallback = settings.config, settings.structure, ""
-    if choice == "auto":
-        choice = config.structure
-        if choice == "sam" and _sam_weights(config) is None:
-            choice = "superpixel"
-            fallback = " (SAM weights not on disk; --structure sam times SAM with random ones)"
-    config = config.model_copy(update={"structure": choice})
-    if choice == "superpixel":
-        return config, None, f"superpixel{fallback}"
-    if _sam_weights(config) is not None:
-        return config, None, f"SAM {config.sam_model}"
-    model = sam_model_registry[config.sam_model](checkpoint=None)
-    source = BatchedSamStructure(model, **_sam_settings(config))
-    return config, source, f"SAM {config.sam_model}, random weights: timing only"
-
-
-def _sam_settings(config: Config) -> dict[str, Any]:
-    return {
-        "device": config.device if config.device != "auto" else None,
-        "points_per_side": config.sam_points_per_side,
-        "pred_iou_thresh": config.sam_pred_iou_thresh,
-        "stability_score_thresh": config.sam_stability_score_thresh,
-        "box_nms_thresh": config.sam_box_nms_thresh,
-    }
-
-
-def _structure_comparison(rt: Runtime, images: np.ndarray) -> dict[str, Any] | None:
-    """The structure source against segment-anything's own generator on the same model and
-    images (`structure.*` figures); None when the run times superpixels."""
-    fast = rt.structure_source
-    if not isinstance(fast, BatchedSamStructure):
-        return None
-    reference = SamStructure(fast.model, **_sam_settings(rt.config))
-    return compare_with_reference(fast, reference, images, rt.backbone.patch_size)
-
-
-def _sam_weights(config: Config) -> Path | None:
-    """The SAM checkpoint the pipeline would load, if it is on disk (never downloads)."""
-    if config.sam_checkpoint is not None:
-        path = Path(config.sam_checkpoint).expanduser()
-    else:
-        path = default_cache_dir() / "sam" / SAM_CHECKPOINTS[config.sam_model].filename
-    return path if path.is_file() else None
 
 
 def _measure_class(rt: Runtime, meter: Meter, data: Path, task: str) -> dict[str, Any]:
@@ -354,7 +191,7 @@ def _measure_class(rt: Runtime, meter: Meter, data: Path, task: str) -> dict[str
     warm_up(rt.backbone, config)
     runner = MeteredRunner(LocalRunner(rt), meter)
     with meter.measure() as first:
-        result = AddTask(MODEL, task, data, config, rt.store, FORMAT).run(runner)
+        result = AddTask(MODEL, task, data, config, rt.store, LAYOUT).run(runner)
     entry = load_version(rt.store, MODEL).tasks[0]
     memory = TaskMemory.load(rt.store, entry)
     train, test = rt.train_images(entry.data), rt.test_set(entry.data).images
@@ -363,7 +200,7 @@ def _measure_class(rt: Runtime, meter: Meter, data: Path, task: str) -> dict[str
     inference, frozen = _inference_figures(rt, meter, test, memory)
     stages += [*inference, _evaluation_figure(runner, result.stages, inference)]
     with meter.measure() as rerun:
-        again = AddTask(MODEL, task, data, config, ArtifactStore(rt.store.root), FORMAT).run()
+        again = AddTask(MODEL, task, data, config, ArtifactStore(rt.store.root), LAYOUT).run()
     return {
         "task": task,
         "images": {"train": len(train), "test": len(test)},
@@ -378,7 +215,7 @@ def _measure_class(rt: Runtime, meter: Meter, data: Path, task: str) -> dict[str
         "scaling": _scaling(meter, frozen, memory, inference, config.seed),
         "precision": precision_figures(config, rt.device, train, test, memory.prompts),
         # two images: segment-anything's generator takes minutes per image on a CPU
-        "structure": _structure_comparison(rt, train[:2]),
+        "structure": structure_comparison(rt, train[:2]),
     }
 
 
@@ -540,145 +377,3 @@ def _memory_bytes(store: ArtifactStore, entry: TaskEntry) -> dict[str, int]:
         sizes[stage] = store.get(stage, getattr(entry, stage)).stored_bytes
     sizes["total"] = sum(sizes.values())
     return sizes
-
-
-def _measure_stream(
-    config: Config, meter: Meter, data: Path, names: list[str], root: Path
-) -> dict[str, Any]:
-    """Learn the classes one by one; per step, time and the forward passes evaluation needed.
-
-    A re-extract-everything evaluation would run a frozen and a prompted pass over every test
-    image of every class learned so far, at every step.
-    """
-    store = ArtifactStore(root / "stream-store")
-    rt = Runtime(config, store)
-    warm_up(rt.backbone, config)
-    runner = MeteredRunner(LocalRunner(rt), meter)
-    steps, test_images = [], 0
-    for step, name in enumerate(names, start=1):
-        runner.calls.clear()
-        with meter.measure() as wall:
-            result = AddTask("stream", name, data, config, store, FORMAT).run(runner)
-        test_images += len(read_task(data, name, FORMAT).test)
-        computed = [r for r in result.stages if not r.cached]
-        steps.append(
-            {
-                "step": step,
-                "task": name,
-                "seconds": wall.seconds,
-                "learn_seconds": sum(r.seconds for s, r in runner.calls if s != "evaluate"),
-                "evaluate_seconds": sum(r.seconds for s, r in runner.calls if s == "evaluate"),
-                "frozen_passes": _rows(store, computed, "features", "features"),
-                "prompted_passes": _rows(store, computed, "scores", "index"),
-                "reextract_passes": 2 * test_images,
-            }
-        )
-    return {"backbone": config.backbone, "steps": steps}
-
-
-def _rows(store: ArtifactStore, records: list[StageRecord], stage: str, array: str) -> int:
-    """Images covered by the computed artifacts of one stage (array shapes; no data is read)."""
-    return sum(store.get(stage, r.digest).shape(array)[0] for r in records if r.stage == stage)
-
-
-def _targets(report: dict[str, Any], config: Config) -> list[Target]:
-    figures = {row["stage"]: row for row in report["stages"]}
-    paper = load_config("paper")
-    is_paper = all(getattr(config, f) == getattr(paper, f) for f in MEMORY_FIELDS)
-    return [
-        Target("inference / floor", figures["inference"]["ratio"], FLOOR_TARGETS["inference"]),
-        Target(
-            "prompt-training epoch / floor", figures["prompts"]["ratio"], FLOOR_TARGETS["prompts"]
-        ),
-        Target("keys / floor", figures["keys"]["ratio"], FLOOR_TARGETS["keys"]),
-        Target("knowledge / floor", figures["knowledge"]["ratio"], FLOOR_TARGETS["knowledge"]),
-        Target(
-            "key search with 100 classes / inference",
-            report["scaling"][-1]["key_search_share"],
-            KEY_SEARCH_SHARE_TARGET,
-        ),
-        Target("identical rerun / first run", report["rerun"]["fraction"], RERUN_TARGET),
-        Target(
-            "bytes stored per class",
-            report["bytes_per_class"]["total"],
-            BYTES_PER_CLASS_TARGET,
-            applies=is_paper,
-            why_not="" if is_paper else "memory sizes differ from the paper preset",
-        ),
-        *_precision_targets(report["precision"]),
-        _structure_target(report["structure"]),
-        _flat_evaluation_target(report["stream"]["steps"]),
-    ]
-
-
-def _precision_targets(precision: dict[str, Any]) -> list[Target]:
-    speedup = precision.get("speedup", {})
-    why_not = "" if precision["native_bf16"] else "no native bf16 on this machine"
-    return [
-        Target(
-            f"bf16 speedup, {name}",
-            speedup.get(key),
-            limit,
-            applies=precision["native_bf16"],
-            why_not=why_not,
-            at_least=True,
-        )
-        for name, key, limit in (
-            ("training epoch", "epoch", BF16_SPEEDUP_TARGETS["epoch"]),
-            ("inference", "inference", BF16_SPEEDUP_TARGETS["inference"]),
-        )
-    ]
-
-
-def _structure_target(structure: dict[str, Any] | None) -> Target:
-    """The structure source against segment-anything's generator, at agreement >= 0.95."""
-    if structure is None:
-        return Target(
-            "SAM structure speedup over the generator",
-            None,
-            STRUCTURE_SPEEDUP_TARGET,
-            applies=False,
-            why_not="superpixels timed; --structure sam compares SAM",
-            at_least=True,
-        )
-    agrees = structure["agreement"] >= STRUCTURE_AGREEMENT_TARGET
-    return Target(
-        "SAM structure speedup over the generator",
-        structure["speedup"] if agrees else 0.0,
-        STRUCTURE_SPEEDUP_TARGET,
-        at_least=True,
-    )
-
-
-def _flat_evaluation_target(steps: list[dict[str, Any]]) -> Target:
-    """Evaluation time per step stays flat along the stream: last step / first step."""
-    first, last = steps[0]["evaluate_seconds"], steps[-1]["evaluate_seconds"]
-    return Target(
-        f"evaluate s, step {len(steps)} / step 1",
-        last / first if first > 0 else None,
-        FLAT_EVALUATION_TARGET,
-        applies=len(steps) > 1,
-        why_not="" if len(steps) > 1 else "a stream of one class",
-    )
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    """What the figures were measured on."""
-    return {
-        "cpu": _cpu_name(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "ucad": __version__,
-    }
-
-
-def _cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()

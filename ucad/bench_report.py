@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ucad.bench import MEMORY_STAGES
-from ucad.bench_scale import format_scale_out
+from ucad.bench_stream import format_scale_out
 
 # Tables ------------------------------------------------------------------------------------------
 

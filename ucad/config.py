@@ -182,3 +182,20 @@ def _read_config_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a config file must hold a mapping of field: value")
     return data
+
+
+# Fields that change how fast a run is, not what it computes: a model may be extended with others.
+RUNTIME_FIELDS = (
+    "device",
+    "inference_batch_size",
+    "workers",
+    "task_runner",
+    "dask_address",
+    "max_workers",
+    "tracking_uri",
+)
+
+
+def result_fields(config: Config) -> dict[str, Any]:
+    """The config fields that decide what a model computes (all but RUNTIME_FIELDS)."""
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}

@@ -27,10 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ucad.calibration import calibration_split
-from ucad.config import ROUTINGS, Config, Routing
-from ucad.data.datasets import DatasetFormat, TaskData, list_tasks, read_task
-from ucad.data.images import MIN_SIZE, Geometry, load_images, load_test_set
+from ucad.config import Config, Routing
+from ucad.data.datasets import DatasetFormat, read_task
 from ucad.data.source import DataUnavailableError, TaskSource
 from ucad.manifest import (
     ModelVersion,
@@ -43,6 +41,7 @@ from ucad.manifest import (
 from ucad.metrics import METRICS, ResultsMatrix
 from ucad.pipeline import Evaluation, Runtime, StageRecord
 from ucad.provenance import library_versions
+from ucad.request_checks import check_routing, check_same_config, check_task_files, resolve_tasks
 from ucad.runners import LocalRunner, StageRunner, stage_pool
 from ucad.stages.calibrate import run_calibrate
 from ucad.stages.evaluate import run_evaluate
@@ -54,17 +53,6 @@ from ucad.store import ArtifactStore, validate_name
 from ucad.verify import check_version
 
 log = logging.getLogger(__name__)
-
-# Fields that change how fast a run is, not what it computes: a model may be extended with others.
-RUNTIME_FIELDS = (
-    "device",
-    "inference_batch_size",
-    "workers",
-    "task_runner",
-    "dask_address",
-    "max_workers",
-    "tracking_uri",
-)
 
 
 @dataclass
@@ -296,22 +284,6 @@ def restore(
     return records
 
 
-def check_task_files(data: TaskData, config: Config) -> None:
-    """Decode every image and mask of a class before its first stage runs.
-
-    A broken file then stops the request with the store unchanged, instead of after the class's
-    stages and a new model version were written (test images are otherwise first read by the
-    evaluation, after the version).
-    """
-    try:
-        calibration_split(len(data.train), config.calibration_fraction, config.seed)
-    except ValueError as err:
-        raise ValueError(f"class {data.name!r} ({data.train[0].parent}): {err}") from None
-    probe = Geometry(MIN_SIZE, MIN_SIZE)  # only decoding and the checks matter, not the pixels
-    load_images(data.train, probe, config.workers)
-    load_test_set(data.test, probe, config.workers)
-
-
 def submit_evaluations(
     pool: Executor, runner: StageRunner, version: ModelVersion, routing: Routing
 ) -> list[Future[Evaluation]]:
@@ -354,38 +326,6 @@ def evaluate_history(
         results.set_row(version.version - 1, row.metrics)
         records += row.records
     return results, records
-
-
-def resolve_tasks(
-    root: str | Path, data_format: DatasetFormat, tasks: tuple[str, ...] | list[str] | None
-) -> list[str]:
-    """The explicit class order, or all classes of the dataset in alphabetical order."""
-    if tasks:
-        if len(set(tasks)) != len(tasks):
-            raise ValueError(f"a class appears twice in the task order: {', '.join(tasks)}")
-        return list(tasks)
-    return list_tasks(root, data_format)
-
-
-def result_fields(config: Config) -> dict[str, Any]:
-    """The config fields that decide what a model computes (all but RUNTIME_FIELDS)."""
-    return {k: v for k, v in config.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
-
-
-def check_routing(routing: str) -> None:
-    if routing not in ROUTINGS:
-        raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
-
-
-def check_same_config(head: ModelVersion, config: Config) -> None:
-    theirs, ours = result_fields(head.config), result_fields(config)
-    differing = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
-    if differing:
-        details = ", ".join(f"{k}: {theirs.get(k)!r} -> {ours.get(k)!r}" for k in differing)
-        raise ValueError(
-            f"model {head.model!r} was built with another config ({details}); "
-            "a model keeps one config: use a new model name for these settings"
-        )
 
 
 def _result(

@@ -7,8 +7,8 @@
 The same surface as `ucad.inference.Inspector` for `predict_files` and `ucad predict`: `name`,
 `version`, `thresholds`, `task_names`, `workers`, `predict` and `iter_predict`, yielding the same
 `Result`s. Images go through the same loader and `Geometry` (resize, centre crop) as the torch
-path, outside the graph; the graph does the rest (see `ucad.export`). Heat maps are carried back
-to each image's size by `frame_map`, a numpy twin of `ucad.inference.image_frame`.
+path, outside the graph; the graph does the rest (see `ucad.onnx_graph`). Heat maps are carried
+back to each image's size by `frame_map`, a numpy twin of `ucad.inference.image_frame`.
 
 The ONNX side needs only onnxruntime, numpy and PIL; torch is still imported, by
 `ucad.inference`, for `Result` and the image-reading helpers this module shares with it.
@@ -28,8 +28,9 @@ import numpy as np
 from PIL import Image
 
 from ucad.data.images import Geometry
-from ucad.export import EXPORT_FILE, EXPORT_FORMAT, INPUT_NAME, OUTPUT_NAMES, file_sha256
+from ucad.export import EXPORT_FILE, EXPORT_FORMAT, file_sha256
 from ucad.inference import ImageInput, Result, _as_rgb, _merge_thresholds
+from ucad.onnx_graph import INPUT_NAME, OUTPUT_NAMES
 
 
 @dataclass(frozen=True)

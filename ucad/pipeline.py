@@ -28,6 +28,7 @@ from ucad.data.images import Geometry, TestSet, load_images, load_test_set
 from ucad.data.source import TaskSource
 from ucad.device import resolve_device, resolve_precision
 from ucad.digests import digest, file_identity
+from ucad.sam_structure import config_settings
 from ucad.store import ArtifactStore
 from ucad.structure import SAM_CHECKPOINTS, StructureSource, make_structure_source
 
@@ -211,11 +212,7 @@ def structure_source_for(
         model_type=config.sam_model,
         checkpoint=config.sam_checkpoint,
         device=device,
-        points_per_side=config.sam_points_per_side,
-        pred_iou_thresh=config.sam_pred_iou_thresh,
-        stability_score_thresh=config.sam_stability_score_thresh,
-        box_nms_thresh=config.sam_box_nms_thresh,
-        autocast_dtype=None if precision == torch.float32 else precision,
+        settings=config_settings(config, precision),
     )
 
 

@@ -15,8 +15,8 @@ import logging
 import time
 from typing import Any
 
-from ucad.config import PRESETS, Config, load_config
-from ucad.continual import RunResult, result_fields
+from ucad.config import PRESETS, Config, load_config, result_fields
+from ucad.continual import RunResult
 from ucad.manifest import load_version
 from ucad.store import ArtifactStore
 

@@ -2,8 +2,10 @@
 
 `SamMaskGenerator` gives, for each image, the boolean masks that segment-anything's
 `SamAutomaticMaskGenerator.generate` returns for it (one crop layer, `min_mask_region_area=0`,
-`multimask_output=True`), in the same order. It runs on SAM's own modules (`ResizeLongestSide`,
-`Sam.preprocess`, `image_encoder`, `prompt_encoder`, `mask_decoder`, `amg` helpers) but:
+`multimask_output=True`), in the same order; its parameters are one `SamSettings`, which the SAM
+structure sources (`ucad.sam_structure`) take too. It runs on SAM's own modules
+(`ResizeLongestSide`, `Sam.preprocess`, `image_encoder`, `prompt_encoder`, `mask_decoder`, `amg`
+helpers) but:
 
 - images go through the image encoder in batches, not one by one;
 - the point grid goes through the decoder in chunks of `points_per_batch`, like the reference;
@@ -29,7 +31,9 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -44,34 +48,39 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops import batched_nms
 
 
+@dataclass(frozen=True)
+class SamSettings:
+    """How SAM's automatic masks are found, for both SAM structure sources (`ucad.sam_structure`):
+    segment-anything's `SamAutomaticMaskGenerator` parameters that ucad sets, named and defaulted
+    as there (`SamStructure` passes them on by name), and the precision the networks run at."""
+
+    points_per_side: int = 32
+    pred_iou_thresh: float = 0.88
+    stability_score_thresh: float = 0.95
+    box_nms_thresh: float = 0.7
+    points_per_batch: int = 64
+    stability_score_offset: float = 1.0
+    autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16; None: float32
+
+    @classmethod
+    def of(cls, settings: SamSettings | None = None, **fields: Any) -> SamSettings:
+        """`settings` (default: the defaults) with the named `fields` replaced; an unknown
+        field is a TypeError. Lets callers still pass the settings as keyword arguments."""
+        return replace(settings or cls(), **fields)
+
+
 class SamMaskGenerator:
     """Automatic SAM masks for batches of same-sized uint8 RGB images (see the module docstring)."""
 
     def __init__(
-        self,
-        model: Sam,
-        device: torch.device | str | None = None,
-        points_per_side: int = 32,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        box_nms_thresh: float = 0.7,
-        points_per_batch: int = 64,
-        stability_score_offset: float = 1.0,
-        autocast_dtype: torch.dtype | None = None,
+        self, model: Sam, settings: SamSettings, device: torch.device | str | None = None
     ) -> None:
-        if points_per_side < 1 or points_per_batch < 1:
+        if settings.points_per_side < 1 or settings.points_per_batch < 1:
             raise ValueError("points_per_side and points_per_batch must be >= 1")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.device = device
-        self.model = model.to(device).eval()
+        self.device = sam_device(device)
+        self.model = model.to(self.device).eval()
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
-        self.points_per_side = points_per_side
-        self.pred_iou_thresh = pred_iou_thresh
-        self.stability_score_thresh = stability_score_thresh
-        self.box_nms_thresh = box_nms_thresh
-        self.points_per_batch = points_per_batch
-        self.stability_score_offset = stability_score_offset
-        self.autocast_dtype = autocast_dtype
+        self.settings = settings
 
     @torch.inference_mode()
     def generate(self, images: np.ndarray, batch_size: int = 4) -> list[torch.Tensor]:
@@ -99,7 +108,7 @@ class SamMaskGenerator:
             images = images[..., ::-1]
         resized = np.stack([self.transform.apply_image(image) for image in images])
         batch = torch.as_tensor(resized, device=self.device).permute(0, 3, 1, 2).contiguous()
-        with autocast_to(self.device, self.autocast_dtype):
+        with autocast_to(self.device, self.settings.autocast_dtype):
             return self.model.image_encoder(self.model.preprocess(batch))
 
     def _image_masks(self, embedding: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -112,32 +121,34 @@ class SamMaskGenerator:
             boxes.float(),
             iou_preds,
             torch.zeros_like(boxes[:, 0]),  # one category, as in the reference
-            iou_threshold=self.box_nms_thresh,
+            iou_threshold=self.settings.box_nms_thresh,
         )
         return masks[keep]
 
     def _point_chunks(self, size: tuple[int, int]) -> Iterator[torch.Tensor]:
         """The point grid in model input coordinates, (P, 1, 2) float64 per chunk."""
         height, width = size
-        points = build_point_grid(self.points_per_side) * np.array([[width, height]])
+        points = build_point_grid(self.settings.points_per_side) * np.array([[width, height]])
         # float64 like the reference: the prompt encoder normalises before casting to float32.
         coords = torch.as_tensor(self.transform.apply_coords(points, size), device=self.device)
-        for start in range(0, len(coords), self.points_per_batch):
-            yield coords[start : start + self.points_per_batch, None, :]
+        for start in range(0, len(coords), self.settings.points_per_batch):
+            yield coords[start : start + self.settings.points_per_batch, None, :]
 
     def _candidates(
         self, embedding: torch.Tensor, points: torch.Tensor, size: tuple[int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Masks (M, H, W) bool and their predicted IoU (M,) that pass both thresholds."""
         logits, iou_preds = self._decode(embedding, points)
-        if self.pred_iou_thresh > 0.0:
-            keep = iou_preds > self.pred_iou_thresh
+        if self.settings.pred_iou_thresh > 0.0:
+            keep = iou_preds > self.settings.pred_iou_thresh
             logits, iou_preds = logits[keep], iou_preds[keep]
         logits = self._resize(logits, size)
         threshold = self.model.mask_threshold
-        if self.stability_score_thresh > 0.0:
-            stability = calculate_stability_score(logits, threshold, self.stability_score_offset)
-            keep = stability >= self.stability_score_thresh
+        if self.settings.stability_score_thresh > 0.0:
+            stability = calculate_stability_score(
+                logits, threshold, self.settings.stability_score_offset
+            )
+            keep = stability >= self.settings.stability_score_thresh
             logits, iou_preds = logits[keep], iou_preds[keep]
         return logits > threshold, iou_preds
 
@@ -147,7 +158,7 @@ class SamMaskGenerator:
         """Low-res logits (P*3, h, w) and predicted IoU (P*3,) in float32, point-major order."""
         labels = torch.ones(points.shape[:2], dtype=torch.int, device=self.device)
         prompt_encoder = self.model.prompt_encoder
-        with autocast_to(self.device, self.autocast_dtype):
+        with autocast_to(self.device, self.settings.autocast_dtype):
             sparse, dense = prompt_encoder(points=(points, labels), boxes=None, masks=None)
             logits, iou_preds = self.model.mask_decoder(
                 image_embeddings=embedding,
@@ -165,6 +176,11 @@ class SamMaskGenerator:
         rows = resize_matrix(logits.shape[1], img_size, input_size[0], size[0]).to(logits.device)
         cols = resize_matrix(logits.shape[2], img_size, input_size[1], size[1]).to(logits.device)
         return rows @ logits @ cols.T
+
+
+def sam_device(device: torch.device | str | None) -> torch.device:
+    """`device`, else the GPU when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def autocast_to(

@@ -13,16 +13,17 @@ metadata that carries the marker copied last. A run killed at any point therefor
 an unfinished group that ``has`` reports as absent and the next ``put`` replaces.
 
 Only Zarr arrays and JSON are ever read back; nothing is unpickled.
+
+This module writes, finds and moves stage outputs; `ucad.artifact` reads one back and verifies
+it, `ucad.store_models` keeps the model versions, and `ucad.store_files` the file-level safety
+(checksums, seals, durable and exclusive writes).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import uuid
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -32,12 +33,12 @@ import zarr
 from fsspec.implementations.local import LocalFileSystem
 from zarr.storage import FsspecStore, LocalStore
 
-from ucad.digests import array_checksum, canonical_json
+from ucad.artifact import REPAIR_HINT, Artifact, DamagedArtifactError, problem_of
+from ucad.digests import array_checksum
 from ucad.names import NAME, validate_name
 from ucad.store_files import (
     Temporary,
     attrs_checksum,
-    create_exclusive,
     files_problem,
     fsync_dir,
     fsync_tree,
@@ -47,28 +48,31 @@ from ucad.store_files import (
     seal_problem,
     user_attrs,
 )
+from ucad.store_models import ModelManifests, ModelVersionConflict
+
+# Artifact, DamagedArtifactError and ModelVersionConflict live in ucad.artifact and
+# ucad.store_models; they are named here too, beside the store that raises and returns them.
+__all__ = [
+    "DEFAULT_ROOT",
+    "ENV_VAR",
+    "REPAIR_HINT",
+    "Artifact",
+    "ArtifactStore",
+    "DamagedArtifactError",
+    "ModelVersionConflict",
+    "StoreError",
+    "resolve_root",
+    "validate_name",
+]
 
 DEFAULT_ROOT = "artifacts"
 ENV_VAR = "UCAD_STORE"
 
-_VERSION_FILE = re.compile(r"v(\d{4,})\.json")
 ROOT_METADATA = "zarr.json"
-REPAIR_HINT = (
-    "run `ucad store verify --repair` to move it aside; "
-    "the next run that needs it computes it again"
-)
 
 
 class StoreError(OSError):
     """The store root cannot be used: not a folder, not readable, or no filesystem for its URL."""
-
-
-class DamagedArtifactError(OSError):
-    """A published artifact whose files, attributes or array contents are not what was published."""
-
-
-class ModelVersionConflict(FileExistsError):
-    """The model version exists already: another run published it first; retry on the new head."""
 
 
 def resolve_root(root: str | os.PathLike | None = None) -> str:
@@ -78,63 +82,7 @@ def resolve_root(root: str | os.PathLike | None = None) -> str:
     return os.environ.get(ENV_VAR) or DEFAULT_ROOT
 
 
-@dataclass(frozen=True)
-class Artifact:
-    """One complete stage output; arrays are read on demand and checked against their checksums."""
-
-    stage: str
-    digest: str
-    path: str
-    attrs: dict[str, Any]
-    group: zarr.Group = field(repr=False, compare=False)
-
-    def describe(self) -> str:
-        task = self.attrs.get("task")
-        of = f" of class {task!r}" if task else ""
-        return f"{self.stage} artifact{of}, digest {self.digest} ({self.path})"
-
-    @property
-    def names(self) -> list[str]:
-        return sorted(self.group.array_keys())
-
-    @property
-    def stored_bytes(self) -> int:
-        """Bytes its arrays take on disk (as published; metadata not counted)."""
-        return sum(self.attrs["files"].values())
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """An array's shape, from its metadata alone."""
-        return tuple(self.group[name].shape)
-
-    def array(self, name: str) -> np.ndarray:
-        """The array `name`, verified: a missing, truncated or altered chunk is an error."""
-        if name not in self.attrs["checksums"]:
-            raise KeyError(f"{self.describe()} has no array {name!r}; it has {self.names}")
-        try:
-            data = np.asarray(self.group[name][...])
-        except Exception as exc:  # codec errors, missing metadata: any failure to decode
-            raise DamagedArtifactError(
-                f"{self.describe()}: array {name!r} cannot be read ({exc}); {REPAIR_HINT}"
-            ) from exc
-        if array_checksum(data) != self.attrs["checksums"][name]:
-            raise DamagedArtifactError(
-                f"{self.describe()}: array {name!r} does not match the checksum taken when it "
-                f"was published (a chunk is missing or altered); {REPAIR_HINT}"
-            )
-        return data
-
-    def verify(self) -> list[str]:
-        """Problems found by reading every array in full; empty when the artifact is sound."""
-        problems = []
-        for name in self.attrs["checksums"]:
-            try:
-                self.array(name)
-            except DamagedArtifactError as err:
-                problems.append(str(err).split(": ", 1)[-1].split("; run")[0])
-        return problems
-
-
-class ArtifactStore:
+class ArtifactStore(ModelManifests):
     """Stage outputs and model manifests under one root (layout: see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike | None = None) -> None:
@@ -228,7 +176,7 @@ class ArtifactStore:
         try:
             artifact = self._open(stage, digest)
         except DamagedArtifactError as err:
-            return [str(err).split(": ", 1)[-1].split("; run")[0]]
+            return [problem_of(err)]
         if artifact is None:
             return ["unfinished (no completion marker)"]
         return artifact.verify() if full else []
@@ -264,116 +212,6 @@ class ArtifactStore:
     def remove_temporary(self, temporary: Temporary) -> None:
         self._fs.rm(temporary.path, recursive=True)
 
-    # models
-
-    def models(self) -> list[str]:
-        """Names of models with at least one version."""
-        return [name for name in self._children("models") if self.model_versions(name)]
-
-    def model_versions(self, name: str) -> list[int]:
-        validate_name(name, "model name")
-        matches = (_VERSION_FILE.fullmatch(f) for f in self._children("models", name))
-        return sorted(int(m.group(1)) for m in matches if m)
-
-    def read_model(self, name: str, version: int | None = None) -> dict[str, Any]:
-        """The manifest of one model version; ``None`` means the latest."""
-        versions = self.model_versions(name)
-        if not versions:
-            raise FileNotFoundError(f"no model {name!r} in store {self.root!r}")
-        version = versions[-1] if version is None else version
-        if version not in versions:
-            raise FileNotFoundError(f"model {name!r} has no version {version}; it has {versions}")
-        path = self._version_path(name, version)
-        try:
-            manifest = json.loads(self._fs.cat_file(path))
-        except ValueError as exc:
-            raise ValueError(f"corrupt model manifest {self._url(path)}: {exc}") from exc
-        if not isinstance(manifest, dict):
-            raise ValueError(f"corrupt model manifest {self._url(path)}: not a JSON object")
-        return manifest
-
-    def write_model(self, name: str, version: int, manifest: Mapping[str, Any]) -> None:
-        """Create version ``version`` (must be the next one) of model ``name``, never overwriting.
-
-        Raises ModelVersionConflict if that version exists, including when another run created it
-        a moment ago. Locally the create is atomic (hard link of a finished temp file); on remote
-        filesystems it is only as atomic as the backend's ``pipe_file(mode="create")``; fsspec's
-        default for it checks and then writes, so two writers can still race there.
-        """
-        if not isinstance(manifest, Mapping):
-            raise ValueError(f"model manifest must be a JSON object, got {type(manifest).__name__}")
-        data = (canonical_json(dict(manifest), "model manifest", indent=2) + "\n").encode()
-        head = max(self.model_versions(name), default=0)
-        if not isinstance(version, int) or version < 1 or version > head + 1:
-            raise ValueError(
-                f"model {name!r} is at version {head}; cannot write version {version!r}"
-            )
-        conflict = ModelVersionConflict(
-            f"model {name!r} version {version} exists already in {self.root!r} "
-            "(another run added it); retry on the new head"
-        )
-        if version <= head:
-            raise conflict
-        path = self._version_path(name, version)
-        try:
-            if self._local:
-                create_exclusive(path, data)
-            else:
-                self._fs.pipe_file(path, data, mode="create")
-        except FileExistsError:
-            raise conflict from None
-
-    def append_model(
-        self,
-        name: str,
-        build: Callable[[dict[str, Any] | None], Mapping[str, Any]],
-        retries: int = 10,
-    ) -> int:
-        """Write the next version of ``name`` as ``build(latest manifest or None)``; return it.
-
-        If another run adds a version first, ``build`` is called again on the new head, so it must
-        be cheap and free of side effects.
-        """
-        for _ in range(retries):
-            head = max(self.model_versions(name), default=0)
-            previous = self.read_model(name, head) if head else None
-            try:
-                self.write_model(name, head + 1, build(previous))
-                return head + 1
-            except ModelVersionConflict:
-                continue
-        raise ModelVersionConflict(
-            f"model {name!r}: other runs kept adding versions; gave up after {retries} attempts"
-        )
-
-    def model_location(self, name: str, version: int) -> str:
-        """Where a version's manifest is, for messages."""
-        return self._url(self._version_path(name, version))
-
-    def is_tracked(self, name: str, version: int) -> bool:
-        """Whether a run recorded this version in MLflow (`mark_tracked`)."""
-        return self._fs.exists(self._tracked_path(name, version))
-
-    def mark_tracked(self, name: str, version: int) -> None:
-        path = self._tracked_path(name, version)
-        if self._local:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        self._fs.pipe_file(path, b"")
-
-    def _tracked_path(self, name: str, version: int) -> str:
-        return self._join("models", validate_name(name, "model name"), f"v{version:04d}.tracked")
-
-    def remove_model(self, name: str) -> list[int]:
-        """Delete every version of a model; stage artifacts stay (`store prune` collects them)."""
-        versions = self.model_versions(name)
-        if not versions:
-            raise FileNotFoundError(f"no model {name!r} in store {self.root!r}")
-        for version in reversed(versions):  # newest first: a reader never sees a gap below head
-            self._fs.rm(self._version_path(name, version))
-            if self.is_tracked(name, version):
-                self._fs.rm(self._tracked_path(name, version))
-        return versions
-
     # internals
 
     def _check_usable(self) -> None:
@@ -396,9 +234,6 @@ class ArtifactStore:
     def _final(self, stage: str, digest: str) -> str:
         stage = validate_name(stage, "stage name")
         return self._join("stages", stage, validate_name(digest, "digest") + ".zarr")
-
-    def _version_path(self, name: str, version: int) -> str:
-        return self._join("models", validate_name(name, "model name"), f"v{version:04d}.json")
 
     def _children(self, *parts: str) -> list[str]:
         """Sorted valid names directly under ``parts``; none if that folder does not exist."""

@@ -1,5 +1,6 @@
 """The store's file-level safety: checksums and seals, durable writes, exclusive creates, and
-the temporaries of writes in progress (`ucad.store` uses these; nothing else needs them)."""
+the temporaries of writes in progress (`ucad.store` and `ucad.store_models` use these; nothing
+else needs them)."""
 
 from __future__ import annotations
 

@@ -21,27 +21,23 @@ What a run looks like in MLflow (experiment ``ucad model <model>`` for add-task 
 The UI's chart view groups charts into sections by key prefix, sorted by name: the cost prefix
 ``usage/`` sorts after every figure's (``aupro/`` ... ``routing_accuracy/``), so a run's figures
 come first.
+
+Where the runs go is `ucad.tracking_target`'s to say, what experiments and runs are called
+`ucad.run_names`'; this module decides what is logged and logs it.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
 import math
-import os
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 
-import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from matplotlib.figure import Figure
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
@@ -49,14 +45,34 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
-from ucad.config import Config
-from ucad.continual import RunResult, result_fields
+from ucad.continual import RunResult
 from ucad.figures import curves_figure, matrix_figure
 from ucad.manifest import CLASS_STAGES, ModelVersion, load_version
 from ucad.metrics import final, forgetting
 from ucad.provenance import PACKAGES, git_state, library_versions, peak_rss_bytes
-from ucad.runs import config_label
+from ucad.run_names import experiment_name, run_name, short_id
 from ucad.store import ArtifactStore
+from ucad.tracking_target import ENV_VAR, HTTP_LIMITS, Target, http_limits, resolve_target
+
+# Where runs go (`ucad.tracking_target`) and what they are called (`ucad.run_names`) are named
+# here too: this is the module the rest of ucad asks about tracking.
+__all__ = [
+    "COST",
+    "ENV_VAR",
+    "HTTP_LIMITS",
+    "KINDS",
+    "Target",
+    "TrackingError",
+    "experiment_name",
+    "history_metrics",
+    "log_result",
+    "matrix_csv",
+    "metric_key",
+    "resolve_target",
+    "run_name",
+    "short_id",
+    "stage_metrics",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,45 +80,10 @@ KINDS = ("add-task", "benchmark")
 # What a run cost (stage seconds and counts, memory): after the figures in the chart view, whose
 # sections sort by name (the last figure prefix is routing_accuracy/).
 COST = "usage"
-ENV_VAR = "MLFLOW_TRACKING_URI"
-# MLflow retries a failed request for minutes by default; a tracking server that is down should
-# cost a run seconds. Values the user set in the environment win.
-HTTP_LIMITS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
-}
 
 
 class TrackingError(RuntimeError):
     """Logging to MLflow failed and the caller asked for that to be an error."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where runs are logged; ``artifact_location`` only for the default local database."""
-
-    uri: str
-    artifact_location: str | None = None
-
-
-def resolve_target(
-    store: ArtifactStore, config: Config, tracking_uri: str | None = None
-) -> Target | None:
-    """The argument, else ``config.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else a SQLite
-    database in a local store root (``<root>/mlflow.db``, artifacts in ``<root>/mlflow-artifacts``).
-
-    None for a remote store root with nothing set: a database on whichever machine ran the job
-    would scatter a shared store's runs, so such setups name their tracking server.
-    """
-    uri = tracking_uri or config.tracking_uri or os.environ.get(ENV_VAR)
-    if uri:
-        return Target(uri)
-    filesystem, path = fsspec.core.url_to_fs(store.root)
-    if not isinstance(filesystem, LocalFileSystem):
-        return None
-    root = Path(path).resolve()
-    return Target(f"sqlite:///{root / 'mlflow.db'}", (root / "mlflow-artifacts").as_uri())
 
 
 def log_result(
@@ -132,7 +113,7 @@ def log_result(
         )
     memory = _peak_memory()
     try:
-        with _http_limits():
+        with http_limits():
             run_id = _log_run(
                 MlflowClient(target.uri),
                 target,
@@ -158,17 +139,6 @@ def _not_logged(message: str, strict: bool) -> None:
         raise TrackingError(message)
     log.warning("%s", message)
     return None
-
-
-@contextmanager
-def _http_limits() -> Iterator[None]:
-    added = [name for name in HTTP_LIMITS if name not in os.environ]
-    os.environ.update({name: HTTP_LIMITS[name] for name in added})
-    try:
-        yield
-    finally:
-        for name in added:
-            os.environ.pop(name, None)
 
 
 # The runs ----------------------------------------------------------------------------------------
@@ -260,19 +230,6 @@ def _terminate_quietly(client: MlflowClient, run_id: str, status: str) -> None:
         log.debug("could not mark MLflow run %s %s", run_id, status, exc_info=True)
 
 
-def experiment_name(kind: str, manifest: ModelVersion) -> str:
-    """One experiment per model (add-task) and per benchmark stream (dataset and class order)."""
-    # No "/" in names: the UI reads it as a folder path and shows only the last part.
-    if kind == "add-task":
-        return f"ucad model {manifest.model}"
-    names = manifest.task_names
-    order = ",".join(names)
-    if len(order) > 200:  # MLflow caps names at 500 characters; keep the name readable
-        order = f"{len(names)} classes {_short_hash(order)}"
-    dataset = Path(manifest.tasks[0].data.root).name or "data"
-    return f"ucad benchmark {dataset}: {order}"
-
-
 def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
@@ -288,43 +245,6 @@ def _experiment_id(client: MlflowClient, name: str, artifact_location: str | Non
             "with `mlflow gc`, to log this run"
         )
     return experiment.experiment_id
-
-
-def run_name(result: RunResult, manifest: ModelVersion, kind: str) -> str:
-    """A parent run's name, from what sets it apart from the runs it is compared with.
-
-    add-task: ``line-3 v3 +bottle · paper · 1a2b3c``; benchmark:
-    ``smoke seed=1 · grain,nut,stripes · 1a2b3c`` (long streams: the first two classes, the
-    last one and their number). The words are the nearest preset and the config fields that
-    differ from it (`ucad.runs.config_label`), and ``oracle`` routing; the short id is a digest
-    of everything that decides the figures (config fields, routing, classes in order, data), so
-    two runs share a name exactly when they computed the same thing. What tells runs of one
-    experiment apart comes first, where the UI's run list and chart legends cut names off: the
-    version for a model's runs, the config for a stream's (its experiment names the order).
-    """
-    label = config_label(result.config)
-    if result.routing != "agnostic":
-        label += f" {result.routing}"
-    if kind == "benchmark":
-        return f"{label} · {_order(result.tasks)} · {short_id(result, manifest)}"
-    added = f"+{result.tasks[-1]}" if result.new_version else "unchanged"
-    return f"{result.model} v{result.version} {added} · {label} · {short_id(result, manifest)}"
-
-
-def short_id(result: RunResult, manifest: ModelVersion) -> str:
-    """Six hex digits naming what decides a run's figures."""
-    decided = {
-        "config": result_fields(result.config),
-        "routing": result.routing,
-        "classes": [[t.name, t.data.train, t.data.test] for t in manifest.tasks],
-    }
-    return _short_hash(json.dumps(decided, sort_keys=True))[:6]
-
-
-def _order(names: list[str]) -> str:
-    if len(names) <= 4:
-        return ",".join(names)
-    return f"{names[0]},{names[1]},…,{names[-1]} ({len(names)})"
 
 
 # Params, tags, metrics -----------------------------------------------------------------------
@@ -420,10 +340,6 @@ def _peak_memory() -> dict[str, float]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         out[f"{COST}/memory/peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 # Artifacts ---------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """`ucad ui`: the MLflow UI on a store's runs, started light, and the link to a model's charts.
 
-Where the runs are is resolved as they are logged (`ucad.tracking.resolve_target`):
+Where the runs are is resolved as they are logged (`ucad.tracking_target.resolve_target`):
 ``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else the store's ``<store>/mlflow.db``. A
 database is served by an ``mlflow server`` started here, light (one worker, no job runner, on
 loopback unless ``--host`` says otherwise) until Ctrl-C; a tracking server (http) is only linked
@@ -73,7 +73,7 @@ def add_ui_parser(subparsers: Any) -> argparse.ArgumentParser:
 def cmd_ui(args: argparse.Namespace) -> None:
     from ucad.config import Config
     from ucad.store import ArtifactStore, validate_name
-    from ucad.tracking import ENV_VAR, resolve_target
+    from ucad.tracking_target import ENV_VAR, resolve_target
 
     if args.model is not None:
         validate_name(args.model, "model name")
@@ -188,9 +188,9 @@ def _interrupt(signum: int, frame: Any) -> None:
 def find_experiment(uri: str, model: str | None) -> Experiment | None:
     """The experiment of the latest run of `model` (add-task and benchmark runs alike), or of
     the latest run at all; None when there are no runs. A model without runs is an error."""
-    from ucad.tracking import _http_limits
+    from ucad.tracking_target import http_limits
 
-    with _http_limits():
+    with http_limits():
         client = _client(uri)
         experiments = [e.experiment_id for e in client.search_experiments()]
         found = []
@@ -221,13 +221,13 @@ def run_url(base: str, experiment_id: str, run_id: str) -> str:
 def run_link(store: ArtifactStore, config: Config, run_id: str) -> str | None:
     """The link to a logged run where runs go to a tracking server (http); None otherwise (a
     database has no address until `ucad ui` serves it) or when the server cannot be asked."""
-    from ucad.tracking import _http_limits, resolve_target
+    from ucad.tracking_target import http_limits, resolve_target
 
     target = resolve_target(store, config)
     if target is None or not is_server(target.uri):
         return None
     try:
-        with _http_limits():
+        with http_limits():
             experiment = _client(target.uri).get_run(run_id).info.experiment_id
     except Exception:  # a link is a convenience: the run id is given either way
         return None

@@ -1,8 +1,10 @@
-"""`ucad bench`'s scale-out figures: one stream on a local Dask cluster of 1 and of 2 workers.
+"""`ucad bench`'s stream figures: how learning and evaluation cost grow along a stream, and one
+stream on a local Dask cluster of 1 and of 2 workers.
 
-The same classes, in fresh stores, through the same code path as `task_runner: dask` from the
-command line. A worker count changes only how long the stream takes: the stages computed (and so
-the digests) must be the same; the report says whether they are.
+The scale-out runs the same classes, in fresh stores, through the same code path as
+`task_runner: dask` from the command line. A worker count changes only how long the stream
+takes: the stages computed (and so the digests) must be the same; the report says whether they
+are.
 """
 
 from __future__ import annotations
@@ -12,9 +14,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ucad.bench_meter import Meter, MeteredRunner
+from ucad.bench_passes import warm_up
 from ucad.cluster import dask_runner
 from ucad.config import Config
-from ucad.continual import Replay
+from ucad.continual import AddTask, Replay
+from ucad.data.datasets import read_task
+from ucad.data.synth import LAYOUT
+from ucad.pipeline import Runtime, StageRecord
+from ucad.runners import LocalRunner
 from ucad.store import ArtifactStore
 
 WORKER_COUNTS = (1, 2)
@@ -76,3 +84,42 @@ def format_scale_out(scale: dict[str, Any] | None) -> str:
         + ("yes" if scale["same_stages"] else "NO"),
     ]
     return "\n".join(lines)
+
+
+def measure_stream(
+    config: Config, meter: Meter, data: Path, names: list[str], root: Path
+) -> dict[str, Any]:
+    """Learn the classes one by one; per step, time and the forward passes evaluation needed.
+
+    A re-extract-everything evaluation would run a frozen and a prompted pass over every test
+    image of every class learned so far, at every step.
+    """
+    store = ArtifactStore(root / "stream-store")
+    rt = Runtime(config, store)
+    warm_up(rt.backbone, config)
+    runner = MeteredRunner(LocalRunner(rt), meter)
+    steps, test_images = [], 0
+    for step, name in enumerate(names, start=1):
+        runner.calls.clear()
+        with meter.measure() as wall:
+            result = AddTask("stream", name, data, config, store, LAYOUT).run(runner)
+        test_images += len(read_task(data, name, LAYOUT).test)
+        computed = [r for r in result.stages if not r.cached]
+        steps.append(
+            {
+                "step": step,
+                "task": name,
+                "seconds": wall.seconds,
+                "learn_seconds": sum(r.seconds for s, r in runner.calls if s != "evaluate"),
+                "evaluate_seconds": sum(r.seconds for s, r in runner.calls if s == "evaluate"),
+                "frozen_passes": stage_rows(store, computed, "features", "features"),
+                "prompted_passes": stage_rows(store, computed, "scores", "index"),
+                "reextract_passes": 2 * test_images,
+            }
+        )
+    return {"backbone": config.backbone, "steps": steps}
+
+
+def stage_rows(store: ArtifactStore, records: list[StageRecord], stage: str, array: str) -> int:
+    """Images covered by the computed artifacts of one stage (array shapes; no data is read)."""
+    return sum(store.get(stage, r.digest).shape(array)[0] for r in records if r.stage == stage)
