@@ -101,11 +101,12 @@ class Config(BaseModel):
         description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else <store>/mlflow.db.",
     )
 
-    # Where Prefect flow runs do per-image work (structure maps); the `ucad` command does it in
-    # its own process, one chunk after another.
+    # Where stages run, from the `ucad` command and the flows alike (ucad.runners.runner_for).
     task_runner: Literal["threads", "dask"] = Field(
         default="threads",
-        description="threads: in the flow's process; dask: a Dask cluster (needs ucad[dask]).",
+        description="threads: stages in this process, one at a time (a flow splits a class's "
+        "structure maps into max_workers chunks on threads); dask: stages on a Dask cluster, "
+        "max_workers at once (needs ucad[dask]).",
     )
     dask_address: str | None = Field(
         default=None, description="Dask scheduler address; None starts a local cluster."
@@ -113,8 +114,8 @@ class Config(BaseModel):
     max_workers: int = Field(
         default=4,
         ge=1,
-        description="A class's images are split into this many chunks, run in parallel by "
-        "as many threads or local Dask worker processes.",
+        description="dask: stages at once (a local cluster's worker processes); threads: "
+        "structure-map chunks per class in a flow.",
     )
 
     @model_validator(mode="after")

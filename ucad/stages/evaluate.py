@@ -78,7 +78,7 @@ def _oracle(
     rt: Runtime, version: ModelVersion, j: int, source: TaskSource, records: list[StageRecord]
 ) -> tuple[np.ndarray, dict[int, StageRecord]]:
     """Diagnostic routing: every image is scored with its own class."""
-    n = len(rt.test_set(source).labels)
+    n = len(source.read("test").test)  # the file list: a cached result loads no image
     record = run_scores(rt, source, version.tasks[j], np.arange(n), {"routing": "oracle"})
     records.append(record)
     return np.full(n, j, dtype=np.int64), {j: record}
