@@ -32,7 +32,7 @@ from ucad.config import Config
 from ucad.data.source import TaskSource
 from ucad.manifest import ModelVersion
 from ucad.pipeline import Evaluation, Runtime, StageRecord, process_runtime
-from ucad.runners import LocalRunner, StageRunner, runner_for
+from ucad.runners import LocalRunner, StageRunner, runner_for, stage_name
 from ucad.stages.structure import run_structure, structure_maps
 from ucad.store import ArtifactStore
 
@@ -46,11 +46,6 @@ def finish(result: R) -> R | Completed:
     if all(record.cached for record in result.records):
         return Completed(name="Cached", data=result)
     return result
-
-
-def stage_name(stage: Callable[..., Any]) -> str:
-    """`run_keys` -> `keys`: the stage's one name, as in its artifacts and the README."""
-    return stage.__name__.removeprefix("run_")
 
 
 def task_run_name(stage: str, args: tuple[Any, ...]) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from ucad import __version__
 from ucad.provenance import peak_rss_bytes, reset_peak_rss
-from ucad.runners import StageRunner
+from ucad.runners import StageRunner, stage_name
 
 
 @dataclass
@@ -78,7 +78,7 @@ class MeteredRunner:
     def __call__(self, stage: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with self.meter.measure() as reading:
             result = self.runner(stage, *args, **kwargs)
-        self.calls.append((stage.__name__.removeprefix("run_"), reading))
+        self.calls.append((stage_name(stage), reading))
         return result
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 from ucad.config import Config
 from ucad.pipeline import Runtime, process_runtime
+from ucad.runners import stage_name
 from ucad.store import ArtifactStore
 
 if TYPE_CHECKING:
@@ -44,7 +45,6 @@ class DaskRunner:
     def __call__(
         self, stage: Callable[Concatenate[Runtime, P], R], *args: P.args, **kwargs: P.kwargs
     ) -> R:
-        name = stage.__name__.removeprefix("run_")
         future = self.client.submit(
             run_on_worker,
             stage,
@@ -52,7 +52,7 @@ class DaskRunner:
             self.store_root,
             args,
             kwargs,
-            key=f"{name}-{uuid.uuid4().hex[:12]}",  # the dashboard's task name
+            key=f"{stage_name(stage)}-{uuid.uuid4().hex[:12]}",  # the dashboard's task name
             pure=False,
         )
         return future.result()

@@ -106,7 +106,7 @@ class AddTask:
             version, records, new = learn(self, runner, pool, check_files=True)
             rows, evaluations = evaluate_history(self.store, version, self.routing, runner, pool)
             if new:
-                written = publish(self, version)
+                written = publish(self.store, version)
                 if written.version != version.version:  # another run added a class meanwhile
                     rows, more = evaluate_history(self.store, written, self.routing, runner, pool)
                     evaluations += more
@@ -169,8 +169,7 @@ class Replay:
             while unwritten and (t == len(sources) - 1 or all(f.done() for f in unwritten[0][1])):
                 written, evaluations = unwritten.pop(0)
                 row = gather_row(written, evaluations)
-                step = AddTask(model, written.tasks[-1].name, self.data, self.config, self.store)
-                publish(step, written)  # a fresh model: no other run writes to it
+                publish(self.store, written)  # a fresh model: no other run writes to it
                 results.set_row(written.version - 1, row.metrics)
                 records += row.records
             start(t + runner.workers)
@@ -236,9 +235,10 @@ def task_entry(store: ArtifactStore, source: TaskSource, learned: list[StageReco
     )
 
 
-def publish(request: AddTask, version: ModelVersion) -> ModelVersion:
-    """Write the new version that adds the request's class (on the head of the moment)."""
-    written = append_version(request.store, request.model, version.tasks[-1], request.config)
+def publish(store: ArtifactStore, version: ModelVersion) -> ModelVersion:
+    """Write the new version's last class onto the model's head of the moment (another run may
+    have added a class since `version` was built)."""
+    written = append_version(store, version.model, version.tasks[-1], version.config)
     log.info(
         "model %s version %d: %s", written.model, written.version, ", ".join(written.task_names)
     )

@@ -37,6 +37,11 @@ class StageRunner(Protocol):
     ) -> R: ...
 
 
+def stage_name(stage: Callable[..., Any]) -> str:
+    """`run_keys` -> `keys`: the stage's one name, as in its artifacts, task runs and the README."""
+    return stage.__name__.removeprefix("run_")
+
+
 class LocalRunner:
     """Calls the stage functions in this process, one at a time."""
 
