@@ -177,7 +177,11 @@ def _structure_lines(report: dict[str, Any]) -> str:
             f"{structure['reference_s_per_image']:.2f}, ucad {structure['s_per_image']:.2f} "
             f"({structure['speedup']:.2f}x); agreement (Rand index, patch grid) "
             f"{structure['agreement']:.3f} at {structure['regions_per_image']:.1f} regions "
-            "per image"
+            "per image",
+            f"  ucad upscaled the masks of {100 * structure['upscaled_share']:.0f}% of prompts "
+            f"(those past the IoU filter); with every prompt upscaled "
+            f"{structure['every_prompt_s_per_image']:.2f} s per image "
+            f"({structure['every_prompt_speedup']:.2f}x)",
         ]
     if paper["seconds"] is not None:
         lines.append(f"one paper class end to end: {paper['seconds']:.0f} s ({paper['how']})")

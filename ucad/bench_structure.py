@@ -3,6 +3,7 @@ generator on the same model and images."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,22 @@ def structure_comparison(rt: Runtime, images: np.ndarray) -> dict[str, Any] | No
     fast = rt.structure_source
     if not isinstance(fast, BatchedSamStructure):
         return None
-    reference = SamStructure(fast.model, _device(rt.config), config_settings(rt.config))
-    return compare_with_reference(fast, reference, images, rt.backbone.patch_size)
+    settings = config_settings(rt.config)
+    reference = SamStructure(fast.model, _device(rt.config), settings)
+    fast.generator.prompts_decoded = fast.generator.prompts_upscaled = 0
+    figures = compare_with_reference(fast, reference, images, rt.backbone.patch_size)
+    figures["upscaled_share"] = fast.generator.prompts_upscaled / fast.generator.prompts_decoded
+    # ucad upscales only the masks of prompts past the IoU filter, so its time depends on the
+    # weights (random ones pass almost none). Timed again with the filter off, every prompt's
+    # masks are upscaled, resized and scored: an upper bound for any weights.
+    every = BatchedSamStructure(fast.model, _device(rt.config), settings, pred_iou_thresh=0.0)
+    start = time.perf_counter()
+    every.label_maps(images)
+    figures["every_prompt_s_per_image"] = (time.perf_counter() - start) / len(images)
+    figures["every_prompt_speedup"] = (
+        figures["reference_s_per_image"] / figures["every_prompt_s_per_image"]
+    )
+    return figures
 
 
 def _sam_weights(config: Config) -> Path | None:

@@ -1,0 +1,198 @@
+"""SAM's mask decoder for many point prompts on one image, with the arithmetic reordered.
+
+segment-anything's `MaskDecoder` copies the image embedding once per prompt and runs every
+projection of its two-way transformer on each copy: about 1.3 GMAC per prompt before the masks
+are upscaled, 1,024 prompts per image. All of that is needed by nobody, because
+
+- in the first block the image side is the same for every prompt (no mask input: the dense
+  prompt embedding is one learned vector), so its projections are computed once;
+- a token-to-image attention has a handful of queries: `q . (W_k x + b_k)` equals
+  `(W_k^T q) . x + q . b_k`, and softmax rows sum to one, so `sum_n a_n (W_v x_n + b_v)` equals
+  `W_v (sum_n a_n x_n) + b_v`. The image side is never projected; products with the few
+  queries take its place;
+- an image-to-token attention has a handful of keys and values: its queries' projection folds
+  into the keys the same way, and its output projection into the values (`W_o` applied to each
+  value, then mixed), so no (pixels x channels) projection is formed either;
+- upscaling is two 2x2 stride-2 transposed convolutions: each is a matmul per pixel, run in the
+  layout the transformer leaves (pixels, channels), and only for the prompts a caller asks for
+  (those with a mask that passes the IoU filter).
+
+The result is the decoder's own function up to float rounding (same modules, same weights,
+same nonlinearities; only sums are regrouped). `ImageDecoder(decoder, prompt_encoder, embedding)`
+holds what the prompts on one image share; its `tokens` runs the transformer and the IoU head,
+its `mask_logits` the upscaling and hypernetworks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import MaskDecoder, PromptEncoder
+from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
+from torch import Tensor
+
+
+@dataclass
+class DecodedPrompts:
+    """The transformer's outputs for P prompts on one image of h x w embedding cells."""
+
+    image: Tensor  # (P, h*w, C) the image side after the last block
+    mask_tokens: Tensor  # (P, M, C) output tokens of the masks asked for
+    iou_pred: Tensor  # (P, M) predicted IoU of those masks
+    first_mask: int  # index of the first of those M masks among the decoder's mask tokens
+    size: tuple[int, int]  # (h, w)
+
+
+class ImageDecoder:
+    """SAM's mask decoder bound to one image embedding (1, C, h, w): what every prompt shares
+    (the image side of the first block, positional projections) is computed once, here."""
+
+    def __init__(
+        self, decoder: MaskDecoder, prompt_encoder: PromptEncoder, image_embedding: Tensor
+    ) -> None:
+        self.decoder, self.prompt_encoder = decoder, prompt_encoder
+        self.size = (image_embedding.shape[2], image_embedding.shape[3])
+        # Without a mask prompt the dense embedding is one vector for all prompts: one image side.
+        self.image = image_embedding + prompt_encoder.no_mask_embed.weight[..., None, None]
+        self.image = self.image.flatten(2).transpose(1, 2).contiguous()  # (1, N, C)
+        self.image_pe = prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)[0]  # (N, C)
+        self._shared: dict[tuple[int, str], Tensor] = {}
+
+    def tokens(
+        self, points: Tensor, labels: Tensor, multimask_output: bool = True
+    ) -> DecodedPrompts:
+        """Point prompts (P, n, 2) in input coordinates, labels (P, n): the two-way transformer
+        and the IoU head, as `MaskDecoder.forward` runs them."""
+        decoder = self.decoder
+        sparse, _ = self.prompt_encoder(points=(points, labels), boxes=None, masks=None)
+        output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight])
+        tokens = torch.cat([output_tokens.expand(len(sparse), -1, -1), sparse], dim=1)
+        transformer = decoder.transformer
+        queries, image = tokens, self.image
+        for block in transformer.layers:
+            queries, image = self._block(block, queries, image, tokens)
+        attended = self._tokens_to_image(
+            transformer.final_attn_token_to_image, queries + tokens, image
+        )
+        queries = transformer.norm_final_attn(queries + attended)
+
+        masks = slice(1, decoder.num_mask_tokens) if multimask_output else slice(0, 1)
+        iou_pred = decoder.iou_prediction_head(queries[:, 0])[:, masks]
+        mask_tokens = queries[:, 1 : 1 + decoder.num_mask_tokens][:, masks]
+        image = image.expand(len(tokens), -1, -1)
+        return DecodedPrompts(image, mask_tokens, iou_pred, masks.start, self.size)
+
+    def mask_logits(self, decoded: DecodedPrompts, prompts: Tensor) -> Tensor:
+        """Low-res mask logits (len(prompts), M, 4h, 4w) of the prompts at indices `prompts`:
+        `output_upscaling`, then each mask token's hypernetwork, as `predict_masks` does."""
+        decoder = self.decoder
+        up1, norm, act1, up2, act2 = decoder.output_upscaling
+        image = decoded.image[prompts]  # (p, N, C)
+        num_masks = decoded.mask_tokens.shape[1]
+        # A 2x2 stride-2 transposed convolution maps each pixel to its own 2x2 block: one
+        # matmul to (pixel, sub-position, channel); the 2-D layout is restored at the end.
+        x = _transposed_conv(image, up1)  # (p, N, 4, C1)
+        x = act1(F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps))
+        x = act2(_transposed_conv(x.flatten(1, 2), up2))  # (p, N*4, 4, C2)
+        first = decoded.first_mask
+        mlps = decoder.output_hypernetworks_mlps[first : first + num_masks]
+        tokens = decoded.mask_tokens[prompts]
+        hyper = torch.stack([mlp(tokens[:, i]) for i, mlp in enumerate(mlps)], dim=1)  # (p, M, C2)
+        logits = x.flatten(1, 2) @ hyper.transpose(1, 2)  # (p, N*16, M)
+        h, w = decoded.size
+        # pixel (i, j), first sub-position (a, b), second (a2, b2) -> row 4i+2a+a2, col 4j+2b+b2
+        logits = logits.view(len(image), h, w, 2, 2, 2, 2, num_masks)
+        return logits.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(len(image), num_masks, 4 * h, 4 * w)
+
+    def _block(
+        self, block: TwoWayAttentionBlock, queries: Tensor, image: Tensor, query_pe: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """`TwoWayAttentionBlock.forward`; `image` is (1, N, C) while all prompts share it."""
+        if block.skip_first_layer_pe:
+            queries = block.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + query_pe
+            queries = queries + block.self_attn(q=q, k=q, v=queries)
+        queries = block.norm1(queries)
+        attended = self._tokens_to_image(block.cross_attn_token_to_image, queries + query_pe, image)
+        queries = block.norm2(queries + attended)
+        queries = block.norm3(queries + block.mlp(queries))
+        summed = self._image_to_tokens(
+            block.cross_attn_image_to_token, image, queries + query_pe, queries
+        )
+        return queries, block.norm4(summed)
+
+    def _tokens_to_image(self, attn: Attention, q: Tensor, image: Tensor) -> Tensor:
+        """`attn(q=q, k=image + pe, v=image)`: (P, t, C) queries over (1 or P, N, C) pixels."""
+        heads, width = attn.num_heads, attn.internal_dim // attn.num_heads
+        prompts, tokens, channels = q.shape
+        q = _split(attn.q_proj(q), heads)  # (P, h, t, d)
+        if image.shape[0] == 1:  # shared by all prompts: projected once, as the module would
+            keys = self._once(attn.k_proj, heads, "image+pe", lambda: image[0] + self.image_pe)
+            values = self._once(attn.v_proj, heads, "image", lambda: image[0])
+            weights = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(width), dim=-1)
+            return attn.out_proj((weights @ values).transpose(1, 2).flatten(2))
+        # q . (W_k (x + pe) + b_k) = (W_k^T q) . x + q . (W_k pe + b_k)
+        pe_keys = self._once(attn.k_proj, heads, "pe", lambda: self.image_pe)  # (h, N, d)
+        logits = q @ pe_keys.transpose(-1, -2)  # (P, h, t, N)
+        w_k = attn.k_proj.weight.view(heads, width, channels)
+        query_dirs = torch.einsum("phtd,hdc->phtc", q, w_k).flatten(1, 2)  # (P, h*t, C)
+        logits = logits + (query_dirs @ image.transpose(1, 2)).view_as(logits)
+        weights = torch.softmax(logits / math.sqrt(width), dim=-1)
+        # sum_n a_n (W_v x_n + b_v) = W_v (sum_n a_n x_n) + b_v, since the weights sum to one
+        mixed = (weights.flatten(1, 2) @ image).view(prompts, heads, tokens, channels)
+        w_v = attn.v_proj.weight.view(heads, width, channels)
+        values = torch.einsum("phtc,hdc->phtd", mixed, w_v) + attn.v_proj.bias.view(heads, 1, width)
+        return attn.out_proj(values.transpose(1, 2).flatten(2))
+
+    def _image_to_tokens(self, attn: Attention, image: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """`image + attn(q=image + pe, k=k, v=v)`, the block's residual sum: (1 or P, N, C)
+        pixels over (P, t, C) tokens; returns (P, N, C)."""
+        heads, width = attn.num_heads, attn.internal_dim // attn.num_heads
+        prompts, tokens, channels = k.shape
+        k = attn.k_proj(k).view(prompts, tokens, heads, width)
+        v = attn.v_proj(v).view(prompts, tokens, heads, width)
+        # Logits as (P, h, t, N): the softmax over the few tokens runs along rows of pixels.
+        if image.shape[0] == 1:
+            queries = self._once(attn.q_proj, heads, "image+pe", lambda: image[0] + self.image_pe)
+            logits = torch.einsum("pthd,hnd->phtn", k, queries)
+        else:
+            # W_q x . k = x . (W_q^T k): the keys, not the image, go through the projection
+            pe_queries = self._once(attn.q_proj, heads, "pe", lambda: self.image_pe)  # (h, N, d)
+            w_q = attn.q_proj.weight.view(heads, width, channels)
+            key_dirs = torch.einsum("pthd,hdc->phtc", k, w_q).flatten(1, 2)  # (P, h*t, C)
+            logits = torch.einsum("pthd,hnd->phtn", k, pe_queries)
+            logits = logits + (key_dirs @ image.transpose(1, 2)).view_as(logits)
+        weights = torch.softmax(logits / math.sqrt(width), dim=2).flatten(1, 2)  # (P, h*t, N)
+        # out_proj(concat_h a_h v_h) = sum_h a_h (W_o,h v_h) + b_o: project the few values.
+        # Each head's weights sum to one, so b_o / heads added to every value adds b_o.
+        w_o = attn.out_proj.weight.view(channels, heads, width)
+        projected = torch.einsum("pthd,chd->phtc", v, w_o) + attn.out_proj.bias / heads
+        residual = image.expand(prompts, -1, -1)
+        return torch.baddbmm(residual, weights.transpose(1, 2), projected.flatten(1, 2))
+
+    def _once(
+        self, proj: torch.nn.Linear, heads: int, name: str, inputs: Callable[[], Tensor]
+    ) -> Tensor:
+        """`proj(inputs())` split into `heads` (h, N, d), computed once per image."""
+        key = (id(proj), name)
+        if key not in self._shared:
+            self._shared[key] = _split(proj(inputs())[None], heads)[0]
+        return self._shared[key]
+
+
+def _split(x: Tensor, heads: int) -> Tensor:
+    """(B, n, h*d) -> (B, h, n, d)."""
+    return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
+
+
+def _transposed_conv(x: Tensor, conv: torch.nn.ConvTranspose2d) -> Tensor:
+    """A kernel-2 stride-2 `conv` on (B, pixels, C_in) -> (B, pixels, 4, C_out), sub-position
+    (a, b) of each pixel's 2x2 output block at index 2a+b."""
+    c_in, c_out = conv.weight.shape[:2]
+    weight = conv.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out)
+    return F.linear(x, weight.T, conv.bias.repeat(4)).view(*x.shape[:2], 4, c_out)
