@@ -12,6 +12,7 @@ the field, written out by hand below (not derived from the stages' declarations)
 from __future__ import annotations
 
 import shutil
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -21,6 +22,7 @@ import torch
 from ucad.config import Config, load_config
 from ucad.continual import Replay, RunResult
 from ucad.data.synth import generate
+from ucad.sam_masks import SAM_GENERATOR_VERSION
 from ucad.store import ArtifactStore
 
 TINY = {
@@ -186,3 +188,12 @@ def test_structure_source_enters_digests(world):
     store = world["warm"]
     digests = [STRUCTURE.digest(Runtime(c, store), {"train": "x"}) for c in (base, sam)]
     assert digests[0] != digests[1]
+    # ucad's SAM generator names its version; segment-anything's own does not need one
+    reference = base.model_copy(update={"structure": "sam_reference"})
+    identities = [Runtime(c, store).structure_identity for c in (sam, reference)]
+    assert identities[0]["generator"] == SAM_GENERATOR_VERSION
+    assert "generator" not in identities[1]
+    assert identities[0]["sam_sha256"] == identities[1]["sam_sha256"]
+    with patch("ucad.pipeline.SAM_GENERATOR_VERSION", "next"):
+        bumped = STRUCTURE.digest(Runtime(sam, store), {"train": "x"})
+    assert bumped != digests[1]

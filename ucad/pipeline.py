@@ -28,6 +28,7 @@ from ucad.data.images import Geometry, TestSet, load_images, load_test_set
 from ucad.data.source import TaskSource
 from ucad.device import resolve_device, resolve_precision
 from ucad.digests import digest, file_identity
+from ucad.sam_masks import SAM_GENERATOR_VERSION
 from ucad.sam_structure import config_settings
 from ucad.store import ArtifactStore
 from ucad.structure import SAM_CHECKPOINTS, StructureSource, make_structure_source
@@ -222,8 +223,12 @@ def structure_identity(config: Config) -> dict[str, Any]:
     if config.structure == "superpixel":
         return {"source": "superpixel"}
     if config.sam_checkpoint is not None:
-        return {"sam_sha256": file_identity(config.sam_checkpoint)}
-    return {"sam_sha256": SAM_CHECKPOINTS[config.sam_model].sha256}
+        identity = {"sam_sha256": file_identity(config.sam_checkpoint)}
+    else:
+        identity = {"sam_sha256": SAM_CHECKPOINTS[config.sam_model].sha256}
+    if config.structure == "sam":  # ucad's generator: its arithmetic can move a mask's edge
+        identity["generator"] = SAM_GENERATOR_VERSION
+    return identity
 
 
 Compute = Callable[[], tuple[dict[str, np.ndarray], dict[str, Any]]]
