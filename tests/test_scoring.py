@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ucad import scoring
 from ucad.scoring import (
     anomaly_maps,
     image_scores,
@@ -82,6 +83,172 @@ def test_task_distances_reject_empty_tasks():
         task_distances(torch.randn(1, 2, 3), [])
     with pytest.raises(ValueError, match="at least one key"):
         task_distances(torch.randn(1, 2, 3), [torch.randn(2, 3), torch.randn(0, 3)])
+
+
+def exhaustive_choice(features, keys):
+    return task_distances(features, keys).argmin(dim=1)
+
+
+def classes_and_images(generator, tasks, dim, separation, key_counts=(6,), images=5, patches=7):
+    """Gaussian classes (centres ``separation`` apart on average) and images drawn from them."""
+    centres = separation * torch.randn(tasks, dim, generator=generator)
+    keys = [
+        centre + torch.randn(key_counts[t % len(key_counts)], dim, generator=generator)
+        for t, centre in enumerate(centres)
+    ]
+    truth = torch.randint(tasks, (images,), generator=generator)
+    features = centres[truth][:, None] + torch.randn(images, patches, dim, generator=generator)
+    return features, keys
+
+
+@pytest.mark.parametrize("dim", [3, 40, 100])  # the bound projects on 16 to 64 directions
+@pytest.mark.parametrize("separation", [0.0, 0.3, 1.0, 10.0])  # overlapping .. well separated
+def test_select_task_is_the_exhaustive_argmin(generator, dim, separation):
+    for tasks, key_counts in ((2, (1,)), (7, (1, 4, 9)), (60, (5,)), (25, (1, 2, 30))):
+        features, keys = classes_and_images(generator, tasks, dim, separation, key_counts)
+        assert torch.equal(select_task(features, keys), exhaustive_choice(features, keys))
+
+
+def test_select_task_breaks_exact_ties_like_argmin(generator, monkeypatch):
+    features, keys = classes_and_images(generator, 8, 48, 2.0, images=12)
+    winners = exhaustive_choice(features, keys)
+    # a copy of a winning class before and after it: equal totals, the lowest index wins
+    keys = [keys[int(winners[0])].clone(), *keys, keys[int(winners[1])].clone()]
+    # and two classes whose every key coincides with a patch: totals exactly zero
+    keys += [features[3].clone(), features[3][torch.randperm(7, generator=generator)].clone()]
+    expected = exhaustive_choice(features, keys)
+    assert expected[3] >= len(keys) - 2 and expected[0] == 0
+    blocks = []
+    block = scoring._ExhaustiveSearch.block
+    monkeypatch.setattr(
+        scoring._ExhaustiveSearch, "block", lambda self, b: blocks.append(b) or block(self, b)
+    )
+    assert torch.equal(select_task(features, keys), expected)
+    assert blocks  # ties cannot be told apart by bounds: the exhaustive blocks decided
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+@pytest.mark.parametrize("step", [1e-7, 1e-6, 1e-5, 1e-4, 1e-3])
+def test_select_task_near_ties(generator, offset, step):
+    """Classes that are copies of one class moved by tiny steps: totals within rounding."""
+    dim = 40
+    base = offset + torch.randn(9, dim, generator=generator)
+    keys = [base + step * t * torch.randn(9, dim, generator=generator) for t in range(12)]
+    features = offset + torch.randn(10, 7, dim, generator=generator)
+    features[:5] = base[torch.randint(9, (5, 7), generator=generator)] + 1e-3 * features[:5]
+    assert torch.equal(select_task(features, keys), exhaustive_choice(features, keys))
+
+
+def test_select_task_prunes_well_separated_classes(generator, monkeypatch):
+    features, keys = classes_and_images(generator, 40, 96, 10.0, images=6)
+    expected = exhaustive_choice(features, keys)
+    evaluated = []
+    addmm = torch.addmm
+
+    def counting_addmm(bias, left, right, **kwargs):
+        if right.shape[1] == 6:  # an exact total: patches of whole images against 6 keys
+            evaluated.append(left.shape[0] // 7)
+        return addmm(bias, left, right, **kwargs)
+
+    monkeypatch.setattr(scoring._ExhaustiveSearch, "block", None)  # never needed here
+    monkeypatch.setattr(torch, "addmm", counting_addmm)
+    assert torch.equal(select_task(features, keys), expected)
+    assert sum(evaluated) == 6  # one exact (image, class) total per image, 39 classes pruned
+
+
+def test_select_task_on_noisy_copies_of_one_class(generator):
+    """`ucad bench`'s extra classes: one class's keys plus Gaussian noise of the keys' std."""
+    directions = torch.randn(8, 100, generator=generator)
+    keys0 = 5 + torch.randn(30, 8, generator=generator) @ directions  # low-rank, like features
+    spread = keys0.std()
+    keys = [keys0] + [keys0 + spread * torch.randn(30, 100, generator=generator) for _ in range(49)]
+    features = keys0[torch.randint(30, (12, 9), generator=generator)]
+    features += 0.3 * torch.randn(12, 9, 100, generator=generator)
+    features[8:] = keys[17][torch.randint(30, (4, 9), generator=generator)]  # a noisy class's
+    expected = exhaustive_choice(features, keys)
+    assert (expected[:8] == 0).all() and (expected[8:] == 17).all()
+    assert torch.equal(select_task(features, keys), expected)
+
+
+@pytest.mark.parametrize("crowded_first", [True, False])
+def test_select_task_when_the_first_images_cannot_be_pruned(generator, crowded_first):
+    """The first images are routed on their own; where bounds fail for them the rest go
+    exhaustive, which must not change any choice."""
+    features, keys = classes_and_images(generator, 30, 64, 10.0, images=10)
+    far = 40 * torch.randn(4, 7, 64, generator=generator)  # equally far from every class
+    if crowded_first:
+        features[:4] = far
+    else:
+        features[6:] = far
+    assert torch.equal(select_task(features, keys), exhaustive_choice(features, keys))
+
+
+def test_select_task_random_cases(generator):
+    for trial in range(60):
+        tasks = int(torch.randint(2, 40, (), generator=generator))
+        dim = int(torch.randint(1, 90, (), generator=generator))
+        key_counts = torch.randint(1, 8, (tasks,), generator=generator).tolist()
+        features, keys = classes_and_images(
+            generator,
+            tasks,
+            dim,
+            [0.0, 0.5, 3.0, 30.0][trial % 4],
+            key_counts,
+            images=int(torch.randint(1, 12, (), generator=generator)),
+            patches=int(torch.randint(1, 9, (), generator=generator)),
+        )
+        if trial % 3 == 0:
+            keys[-1] = keys[0].clone()  # an exact tie wherever task 0 wins
+        assert torch.equal(select_task(features, keys), exhaustive_choice(features, keys))
+
+
+def test_select_task_half_input_single_class_and_empty(generator):
+    features, keys = classes_and_images(generator, 9, 40, 1.0)
+    half = features.half()
+    assert torch.equal(select_task(half, keys), exhaustive_choice(half, keys))
+    assert select_task(features, keys[:1]).tolist() == [0] * 5
+    assert select_task(features[:0], keys).shape == (0,)
+    assert task_distances(features[:0], keys).shape == (0, 9)
+    assert select_task(features[:, :0], keys).tolist() == [0] * 5
+    with pytest.raises(ValueError, match="at least one key"):
+        select_task(features, [keys[0], keys[0][:0]])
+    with pytest.raises(ValueError, match="like the features"):
+        select_task(features, [keys[0][:, :3]])
+
+
+def test_select_task_non_finite_and_reduced_precision_use_the_exhaustive_search(
+    generator, monkeypatch
+):
+    features, keys = classes_and_images(generator, 9, 40, 1.0, images=12)
+    features[1, 2, 3] = math.nan
+    features[2, 0, 0] = math.inf
+    features[9, 1] = math.nan  # after the first images, which are routed on their own
+    assert torch.equal(select_task(features, keys), exhaustive_choice(features, keys))
+    features, keys = classes_and_images(generator, 9, 40, 10.0, images=12)
+    features[10] *= 1e19  # finite, but squares overflow float32
+    keys[4] = keys[4] * 1e-30
+    assert torch.equal(select_task(features, keys), exhaustive_choice(features, keys))
+    keys[4][0, 0] = math.nan
+    assert torch.equal(select_task(features, keys), exhaustive_choice(features, keys))
+    features, keys = classes_and_images(generator, 9, 40, 1.0)
+    pruned = []
+    monkeypatch.setattr(scoring, "_pruned_argmin", lambda search: pruned.append(1))
+    precision = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("high")  # TF32 products may round more
+        assert torch.equal(select_task(features, keys), exhaustive_choice(features, keys))
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert not pruned
+
+
+def test_task_distances_blocks_hold_whole_images(generator):
+    features, keys = classes_and_images(generator, 5, 8, 1.0, images=9)
+    whole = task_distances(features, keys)
+    for chunk_size in (1, 7, 20, 10**6):
+        torch.testing.assert_close(task_distances(features, keys, chunk_size=chunk_size), whole)
+    search = scoring._ExhaustiveSearch(features, keys, chunk_size=20)
+    assert search.images_per_block == 2 and search.num_blocks == 5
 
 
 def test_patch_scores_hand_example():
@@ -183,6 +350,16 @@ def test_anomaly_map_blur_on_tiny_maps_and_bad_input():
         anomaly_maps(torch.rand(2, 5), (2, 2), 4)
     with pytest.raises(ValueError, match="sigma"):
         anomaly_maps(torch.rand(2, 4), (2, 2), 4, sigma=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("separation", [0.0, 1.0, 10.0])
+def test_select_task_on_cuda_is_the_exhaustive_argmin(generator, monkeypatch, separation):
+    monkeypatch.setattr(scoring, "_PRUNE_ON", ("cpu", "cuda"))  # exhaustive there by default
+    features, keys = classes_and_images(generator, 50, 200, separation, (1, 20), images=40)
+    features, keys = features.cuda(), [k.cuda() for k in keys]
+    keys.append(keys[3].clone())  # a tie
+    assert torch.equal(select_task(features, keys), exhaustive_choice(features, keys))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
