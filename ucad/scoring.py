@@ -7,12 +7,14 @@ query rows so that one distance block stays near ``_BLOCK_BYTES``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ucad import key_search
 from ucad.sampling import flatten_patches
 
 # Big enough for efficient matrix products, small enough that the reduction after each product
@@ -46,19 +48,30 @@ def task_distances(
     ``features`` (N, P, D), ``keys`` one (K_t, D) tensor per task; returns (N, T).
     All keys form one bank, so each block of patches needs a single matrix product.
     """
-    patches = flatten_patches(features)
-    bank = _padded_key_bank(keys, patches.device)  # (T, K_max, D)
-    num_tasks, slots = bank.shape[:2]
-    per_patch = [
-        _finish(partial.view(-1, num_tasks, slots).amin(dim=2), query_sq)
-        for partial, query_sq in _partial_distance_blocks(patches, bank.flatten(0, 1), chunk_size)
-    ]
-    return torch.cat(per_patch).view(*features.shape[:2], num_tasks).sum(dim=1)
+    return _KeyDistances(features, keys, chunk_size).totals()
 
 
 def select_task(features: Tensor, keys: Sequence[Tensor]) -> Tensor:
-    """Task index (N,) per image: the task whose keys lie closest to the image's patches."""
-    return task_distances(features, keys).argmin(dim=1)
+    """Task index (N,) per image: the task whose keys lie closest to the image's patches.
+
+    Always ``task_distances(features, keys).argmin(dim=1)``, ties to the lowest index included.
+    Where `ucad.key_search` applies (a CPU, IEEE float32 products) it settles most images from
+    bounds and a few exact totals; the others take their totals from `task_distances`' own blocks.
+    """
+    distances = _KeyDistances(features, keys)
+    num_images, num_patches = features.shape[:2]
+    if distances.num_tasks == 1 or num_images * num_patches == 0:
+        # a single task, or every total zero: argmin is task 0
+        return torch.zeros(num_images, dtype=torch.long, device=features.device)
+    if not key_search.prunes_on(features.device):
+        return distances.totals().argmin(dim=1)
+    return key_search.pruned_argmin(
+        distances.patches,
+        num_patches,
+        distances.bank.rows.view(distances.num_tasks, distances.slots, -1),
+        distances.bank.centre,
+        lambda images: distances.totals(images).argmin(dim=1),
+    )
 
 
 def patch_scores(features: Tensor, knowledge: Tensor) -> Tensor:
@@ -138,25 +151,48 @@ def _partial_distance_blocks(
     Squared distances are ``partial + ||a||^2``; callers take minima or top-k of ``partial`` first
     and add ``||a||^2`` to the few survivors (`_finish`). That is exact, since rounding is monotone:
     fl(x + c) never reorders values x, and it saves two passes over each large block.
-    One matrix product per chunk (faster than torch.cdist on CPU). Both sides are centred on the
-    bank mean first: distances are unchanged but the norms shrink, which limits cancellation error
-    when features share a large common offset.
     """
-    if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
-        raise ValueError(
-            f"queries (Q, D) and bank (M, D) must share D, got shapes "
-            f"{tuple(queries.shape)} and {tuple(bank.shape)}"
-        )
-    if bank.shape[0] == 0:
-        raise ValueError("bank is empty")
-    bank = bank.to(queries.device, torch.float32)
-    centre = bank.mean(dim=0)
-    bank = bank - centre
-    bank_sq = bank.pow(2).sum(dim=1)
-    rows = chunk_size or max(1, _BLOCK_BYTES // (4 * bank.shape[0]))
-    for chunk in queries.split(rows):
-        chunk = chunk.float() - centre
-        yield torch.addmm(bank_sq, chunk, bank.T, alpha=-2), chunk.pow(2).sum(dim=1, keepdim=True)
+    centred = _CentredBank(queries, bank)
+    for chunk in queries.split(centred.block_rows(chunk_size)):
+        yield centred.partial(chunk)
+
+
+class _CentredBank:
+    """A bank (M, D) of float32 rows, centred on their mean, on the device of the queries.
+
+    Distances are unchanged by centring both sides, but the norms shrink, which limits
+    cancellation error when features share a large common offset. One matrix product per block
+    of queries (faster than torch.cdist on CPU). The centred rows are made on first use:
+    `select_task` often needs only the centre.
+    """
+
+    def __init__(self, queries: Tensor, bank: Tensor) -> None:
+        if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
+            raise ValueError(
+                f"queries (Q, D) and bank (M, D) must share D, got shapes "
+                f"{tuple(queries.shape)} and {tuple(bank.shape)}"
+            )
+        if bank.shape[0] == 0:
+            raise ValueError("bank is empty")
+        self.rows = bank.to(queries.device, torch.float32)
+        self.centre = self.rows.mean(dim=0)
+
+    @cached_property
+    def centred(self) -> tuple[Tensor, Tensor]:
+        """The centred rows (M, D) and their squared norms (M,)."""
+        centred = self.rows - self.centre
+        return centred, centred.pow(2).sum(dim=1)
+
+    def block_rows(self, chunk_size: int | None) -> int:
+        """Query rows per block: ``chunk_size``, else what keeps a block near ``_BLOCK_BYTES``."""
+        return chunk_size or max(1, _BLOCK_BYTES // (4 * self.rows.shape[0]))
+
+    def partial(self, chunk: Tensor) -> tuple[Tensor, Tensor]:
+        """``||b||^2 - 2ab`` (rows, M) and ``||a||^2`` (rows, 1) for a block of query rows."""
+        centred, centred_sq = self.centred
+        chunk = chunk.float() - self.centre
+        partial = torch.addmm(centred_sq, chunk, centred.T, alpha=-2)
+        return partial, chunk.pow(2).sum(dim=1, keepdim=True)
 
 
 def _finish(partial: Tensor, query_sq: Tensor) -> Tensor:
@@ -174,13 +210,53 @@ def _padded_key_bank(keys: Sequence[Tensor], device: torch.device) -> Tensor:
     sizes = [int(task_keys.shape[0]) for task_keys in keys]
     if min(sizes) < 1:
         raise ValueError(f"every task needs at least one key, got key counts {sizes}")
-    slot = torch.arange(max(sizes))
+    slots = max(sizes)
+    slot = torch.arange(slots)
     return torch.stack(
         [
-            k[slot.clamp(max=n - 1)].to(device, torch.float32)
+            (k if n == slots else k[slot.clamp(max=n - 1)]).to(device, torch.float32)
             for k, n in zip(keys, sizes, strict=True)
         ]
     )
+
+
+class _KeyDistances:
+    """`task_distances`' arithmetic, also for a subset of the images.
+
+    Fixed blocks of patch rows against one centred bank of all keys; a subset's totals come from
+    the blocks that hold its patches and the same final sum over a tensor of the same shape, so
+    they carry the same bits as the full computation (what `select_task` relies on when it
+    settles an image the exhaustive way).
+    """
+
+    def __init__(
+        self, features: Tensor, keys: Sequence[Tensor], chunk_size: int | None = None
+    ) -> None:
+        self.patches = flatten_patches(features)
+        self.num_images, self.num_patches = features.shape[:2]
+        padded = _padded_key_bank(keys, self.patches.device)  # (T, K_max, D)
+        self.num_tasks, self.slots = padded.shape[:2]
+        self.bank = _CentredBank(self.patches, padded.flatten(0, 1))
+        self.rows_per_block = self.bank.block_rows(chunk_size)
+
+    def totals(self, images: Tensor | None = None) -> Tensor:
+        """Totals (N, T), or (len(images), T) for the given image indices."""
+        num_patches = self.num_patches
+        if images is None:
+            blocks: Iterable[int] = range(-(-len(self.patches) // self.rows_per_block))
+        else:
+            # the blocks that hold each image's first and last patch, and those between
+            first = (images * num_patches // self.rows_per_block).tolist()
+            last = (((images + 1) * num_patches - 1) // self.rows_per_block).tolist()
+            blocks = sorted({b for a, z in zip(first, last, strict=True) for b in range(a, z + 1)})
+        per_patch = self.patches.new_zeros(len(self.patches), self.num_tasks, dtype=torch.float32)
+        for block in blocks:
+            rows = slice(block * self.rows_per_block, (block + 1) * self.rows_per_block)
+            partial, query_sq = self.bank.partial(self.patches[rows])
+            minima = partial.view(-1, self.num_tasks, self.slots).amin(dim=2)
+            per_patch[rows] = _finish(minima, query_sq)
+        totals = per_patch.view(self.num_images, num_patches, self.num_tasks).sum(dim=1)
+        return totals if images is None else totals[images]
 
 
 def _blur_axis(maps: Tensor, sigma: float, radius: int, dim: int) -> Tensor:
