@@ -96,3 +96,26 @@ def test_image_decoder_on_sams_vit_b_decoder_shape():
     torch.testing.assert_close(
         masks, expected_masks, rtol=1e-4, atol=1e-5 * expected_masks.abs().max()
     )
+
+
+def test_prompts_decoded_one_at_a_time_each_get_their_own_image_side():
+    """With one prompt per call the image side after the first block is (1, N, C) too: it is
+    that prompt's own, never the shared one cached for the image."""
+    prompt_encoder, decoder = decoder_pair(64, 8, 2, 2)
+    embedding = torch.randn(1, 64, 8, 8)
+    points = torch.rand(3, 1, 2) * 128
+    labels = torch.ones(3, 1, dtype=torch.int)
+    with torch.inference_mode():
+        expected_masks, expected_iou = reference(
+            prompt_encoder, decoder, embedding, points, labels, True
+        )
+        image_decoder = ImageDecoder(decoder, prompt_encoder, embedding)
+        for i in range(3):
+            decoded = image_decoder.tokens(points[i : i + 1], labels[i : i + 1])
+            masks = image_decoder.mask_logits(decoded, torch.arange(1))
+            torch.testing.assert_close(
+                decoded.iou_pred, expected_iou[i : i + 1], rtol=1e-4, atol=1e-5
+            )
+            torch.testing.assert_close(
+                masks, expected_masks[i : i + 1], rtol=1e-4, atol=1e-5 * expected_masks.abs().max()
+            )

@@ -111,7 +111,8 @@ class ImageDecoder:
     def _block(
         self, block: TwoWayAttentionBlock, queries: Tensor, image: Tensor, query_pe: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """`TwoWayAttentionBlock.forward`; `image` is (1, N, C) while all prompts share it."""
+        """`TwoWayAttentionBlock.forward`; `image` is `self.image` (1, N, C) while all prompts
+        share it, (P, N, C) after the first block."""
         if block.skip_first_layer_pe:
             queries = block.self_attn(q=queries, k=queries, v=queries)
         else:
@@ -127,11 +128,12 @@ class ImageDecoder:
         return queries, block.norm4(summed)
 
     def _tokens_to_image(self, attn: Attention, q: Tensor, image: Tensor) -> Tensor:
-        """`attn(q=q, k=image + pe, v=image)`: (P, t, C) queries over (1 or P, N, C) pixels."""
+        """`attn(q=q, k=image + pe, v=image)`: (P, t, C) queries over `self.image` or (P, N, C)
+        pixels."""
         heads, width = attn.num_heads, attn.internal_dim // attn.num_heads
         prompts, tokens, channels = q.shape
         q = _split(attn.q_proj(q), heads)  # (P, h, t, d)
-        if image.shape[0] == 1:  # shared by all prompts: projected once, as the module would
+        if image is self.image:  # shared by all prompts: projected once, as the module would
             keys = self._once(attn.k_proj, heads, "image+pe", lambda: image[0] + self.image_pe)
             values = self._once(attn.v_proj, heads, "image", lambda: image[0])
             weights = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(width), dim=-1)
@@ -150,14 +152,14 @@ class ImageDecoder:
         return attn.out_proj(values.transpose(1, 2).flatten(2))
 
     def _image_to_tokens(self, attn: Attention, image: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """`image + attn(q=image + pe, k=k, v=v)`, the block's residual sum: (1 or P, N, C)
-        pixels over (P, t, C) tokens; returns (P, N, C)."""
+        """`image + attn(q=image + pe, k=k, v=v)`, the block's residual sum: `self.image` or
+        (P, N, C) pixels over (P, t, C) tokens; returns (P, N, C)."""
         heads, width = attn.num_heads, attn.internal_dim // attn.num_heads
         prompts, tokens, channels = k.shape
         k = attn.k_proj(k).view(prompts, tokens, heads, width)
         v = attn.v_proj(v).view(prompts, tokens, heads, width)
         # Logits as (P, h, t, N): the softmax over the few tokens runs along rows of pixels.
-        if image.shape[0] == 1:
+        if image is self.image:  # shared by all prompts: projected once
             queries = self._once(attn.q_proj, heads, "image+pe", lambda: image[0] + self.image_pe)
             logits = torch.einsum("pthd,hnd->phtn", k, queries)
         else:
