@@ -4,7 +4,7 @@
 Before a stage becomes a task run, the runner looks its artifacts up in the store, in the flow's
 process: a stage whose artifacts all exist is not run as a task. What a flow run found in the
 store shows once, as one task run `found-in-store-<n>` in a Completed state named "Cached" (n
-stages: a class's stages, evaluations of earlier model versions), however long the model's
+stages: a class's stages, the rows of results of earlier model versions), however long the model's
 history; every task run beside it computed something. The store is the cache: Prefect's own
 cache and result persistence are off. Tasks take small references (the config, the store root, a
 TaskSource, digests, manifest entries) and return StageRecords; arrays stay in the store.
@@ -33,6 +33,7 @@ from ucad.data.source import TaskSource
 from ucad.manifest import ModelVersion
 from ucad.pipeline import Evaluation, Runtime, StageRecord, process_runtime
 from ucad.runners import LocalRunner, StageRunner, runner_for, stage_name
+from ucad.stages.row import find_row
 from ucad.stages.structure import run_structure, structure_maps
 from ucad.store import ArtifactStore
 
@@ -49,10 +50,13 @@ def finish(result: R) -> R | Completed:
 
 
 def task_run_name(stage: str, args: tuple[Any, ...]) -> str:
-    """`keys-grain`; an evaluation: `evaluate-grain-v3` (class grain, model version 3)."""
+    """`keys-grain`; an evaluation: `evaluate-grain-v3` (class grain, model version 3); a row of
+    results: `row-v3`."""
     subject = args[0]
     if isinstance(subject, ModelVersion):
-        return f"{stage}-{subject.tasks[args[1]].name}-v{subject.version}"
+        if isinstance(args[1], int):
+            return f"{stage}-{subject.tasks[args[1]].name}-v{subject.version}"
+        return f"{stage}-v{subject.version}"
     if isinstance(subject, TaskSource):
         return f"{stage}-{subject.label}"
     return stage
@@ -191,8 +195,15 @@ class PrefectRunner:
     def __call__(
         self, stage: Callable[Concatenate[Runtime, P], R], *args: P.args, **kwargs: P.kwargs
     ) -> R:
+        rt = process_runtime(self.config, self.store_root)
+        if stage is find_row:  # a lookup only, never a task run: None when the row is not stored
+            row = find_row(rt, *args, **kwargs)
+            if row is not None:
+                self.found.append(task_run_name("row", args))
+                self.found_records += row.records
+            return row
         name = task_run_name(stage_name(stage), args)
-        found = look_up(stage, process_runtime(self.config, self.store_root), *args, **kwargs)
+        found = look_up(stage, rt, *args, **kwargs)
         if found is not None:
             self.found.append(name)
             self.found_records += found.records

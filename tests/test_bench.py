@@ -132,7 +132,7 @@ def test_bench_runs_on_a_tiny_configuration_and_reports_every_figure(bench):
     inference = report["stages"][STAGES.index("inference")]
     assert set(inference["parts"]) == {"routing", "scoring", "anomaly_maps"}
     evaluation = report["stages"][STAGES.index("evaluate")]
-    assert set(evaluation["parts"]) == {"features", "routing", "scores", "evaluate"}
+    assert set(evaluation["parts"]) == {"features", "routing", "scores", "evaluate", "row"}
 
     stored = report["bytes_per_class"]
     assert set(stored) == {"keys", "prompts", "knowledge", "total"}

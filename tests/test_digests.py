@@ -40,11 +40,11 @@ TINY = {
 }
 
 ALL = {"structure", "keys", "prompts", "knowledge", "calibrate"}
-ALL |= {"features", "routing", "scores", "evaluate"}
+ALL |= {"features", "routing", "scores", "evaluate", "row"}
 BACKBONE = ALL - {"structure"}
-PROMPTED = {"prompts", "knowledge", "calibrate", "scores", "evaluate"}
-KNOWLEDGE = {"knowledge", "calibrate", "scores", "evaluate"}
-SCORING = {"calibrate", "scores", "evaluate"}
+PROMPTED = {"prompts", "knowledge", "calibrate", "scores", "evaluate", "row"}
+KNOWLEDGE = {"knowledge", "calibrate", "scores", "evaluate", "row"}
+SCORING = {"calibrate", "scores", "evaluate", "row"}
 NOTHING: set[str] = set()
 
 # field -> (the fields to change, the stages a warm store must compute again)
@@ -74,12 +74,12 @@ CHANGES: dict[str, tuple[dict, set[str]]] = {
     "batch_size": ({"batch_size": 3}, PROMPTED),
     "epochs": ({"epochs": 2}, PROMPTED),
     "grad_clip": ({"grad_clip": 1e-4}, PROMPTED),
-    "key_size": ({"key_size": 3}, {"keys", "routing", "scores", "evaluate"}),
+    "key_size": ({"key_size": 3}, {"keys", "routing", "scores", "evaluate", "row"}),
     "knowledge_size": ({"knowledge_size": 5}, KNOWLEDGE),
     "projection_dim": ({"projection_dim": 4}, KNOWLEDGE),
     "reweight": ({"reweight": False}, SCORING),
     "reweight_neighbours": ({"reweight_neighbours": 1}, SCORING),
-    "blur_sigma": ({"blur_sigma": 1.0}, {"evaluate"}),
+    "blur_sigma": ({"blur_sigma": 1.0}, {"evaluate", "row"}),
     "calibration_fraction": ({"calibration_fraction": 0.5}, KNOWLEDGE),
     "threshold_quantile": ({"threshold_quantile": 0.5}, {"calibrate"}),
     "seed": ({"seed": 1}, BACKBONE),  # random weights, prompt start, projection, split
@@ -176,11 +176,12 @@ def test_structure_source_enters_digests(world):
     """The one field not run above: switching the source renames every stage's artifacts."""
     from ucad.pipeline import Runtime
     from ucad.stages.evaluate import EVALUATE
+    from ucad.stages.row import ROW
     from ucad.stages.structure import STRUCTURE
 
     base = world["base"]
     sam = base.model_copy(update={"structure": "sam"})
-    for stage in (STRUCTURE, EVALUATE):
+    for stage in (STRUCTURE, EVALUATE, ROW):
         assert "structure" in stage.field_names(sam) and "sam_points_per_side" in stage.field_names(
             sam
         )

@@ -261,7 +261,12 @@ def stored_routing(store: ArtifactStore, tasks: list[dict], j: int):
     """The stored frozen features of class j's test set, and its stored (N, T) routing distances
     to the keys of each class of the version `tasks`."""
     (features,) = find(store, "features", test=tasks[j]["data"]["test"])
-    routing = [find(store, "routing", features=features.digest, keys=t["keys"]) for t in tasks]
+    keys = [t["keys"] for t in tasks]
+    # the routing among classes 1..v holds the distances to class v
+    routing = [
+        find(store, "routing", features=features.digest, keys=keys[:v])
+        for v in range(1, len(keys) + 1)
+    ]
     return features, np.stack([found[0].array("distances") for found in routing], axis=1)
 
 

@@ -16,6 +16,8 @@ import pytest
 
 from ucad.config import load_config
 from ucad.continual import AddTask, Replay
+from ucad.pipeline import Runtime
+from ucad.runners import LocalRunner, stage_name
 from ucad.store import ArtifactStore, ModelVersionConflict
 
 SMOKE = {"epochs": 1, "key_size": 32, "knowledge_size": 64}
@@ -44,6 +46,7 @@ def test_identical_add_task_computes_nothing_and_writes_no_version(synth_root, t
         routing=1,
         scores=1,
         evaluate=1,
+        row=1,
     )
     again = AddTask("m", "grain", synth_root, config, store).run()
     assert computed(again) == Counter()
@@ -68,9 +71,7 @@ def test_new_class_computes_only_its_stages_and_new_evaluations(synth_root, tmp_
     counts = computed(second)
     # version 1's row is looked up; under version 2, grain's evaluation is computed again only
     # if one of its images now selects nut (its figures are named by what they are made of)
-    routing = [s for s in second.stages if s.stage == "routing" and s.task == "grain"]
-    to_grain, to_nut = (store.get("routing", s.digest).array("distances") for s in routing)
-    grain_changed = bool((to_nut < to_grain).any())
+    grain_changed = _selection_changed(store, second, "grain")
     assert counts["evaluate"] == 1 + grain_changed
     grain_evaluations = {
         s.digest for s in second.stages if s.stage == "evaluate" and s.task == "grain"
@@ -81,6 +82,55 @@ def test_new_class_computes_only_its_stages_and_new_evaluations(synth_root, tmp_
     # grain's images get distances to nut's keys; nut's images to both tasks' keys
     assert counts["routing"] == 3
     assert len(second.results.matrix("image_auroc")) == 2
+    # version 1's row is found in the store; version 2's is written
+    rows = [(s.task, s.cached) for s in second.stages if s.stage == "row"]
+    assert sorted(rows) == [("grain", True), ("nut", False)]
+
+
+class CallLog:
+    """A runner that runs stages in this process and notes each call (stage, arguments)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.runner = LocalRunner(rt)
+        self.workers = 1
+        self.calls: list[tuple[str, tuple]] = []
+
+    def __call__(self, stage, *args, **kwargs):
+        self.calls.append((stage_name(stage), args))
+        return self.runner(stage, *args, **kwargs)
+
+
+def test_a_step_evaluates_the_new_version_only(synth_root, tmp_path, config):
+    """Rows of earlier versions are found with one lookup each, and the results matrix is what
+    a replay into an empty store reports."""
+    names = ("grain", "nut", "stripes")
+    store = ArtifactStore(tmp_path / "store")
+    for name in names[:2]:
+        AddTask("m", name, synth_root, config, store).run()
+    log = CallLog(Runtime(config, store))
+    third = AddTask("m", "stripes", synth_root, config, store).run(log)
+    evaluated = [(args[0].version, args[1]) for stage, args in log.calls if stage == "evaluate"]
+    assert evaluated == [(3, 0), (3, 1), (3, 2)]
+    looked_up = [args[0].version for stage, args in log.calls if stage == "find_row"]
+    assert looked_up == [1, 2, 3]
+    rows = [s for s in third.stages if s.stage == "row"]
+    assert [s.cached for s in rows] == [True, True, False]
+    replayed = Replay(synth_root, config, ArtifactStore(tmp_path / "empty"), tasks=names).run()
+    assert third.as_json()["matrix"] == replayed.as_json()["matrix"]
+    assert len(store.artifacts("row")) == 3
+
+
+def test_rows_are_named_by_their_routing(synth_root, tmp_path, config):
+    """Oracle routing on a model evaluated task-agnostically makes rows of its own."""
+    store = ArtifactStore(tmp_path / "store")
+    for name in ("grain", "nut"):
+        AddTask("m", name, synth_root, config, store).run()
+    oracle = AddTask("m", "nut", synth_root, config, store, routing="oracle").run()
+    assert not oracle.new_version and computed(oracle)["row"] == 2
+    empty = ArtifactStore(tmp_path / "empty")
+    for name in ("grain", "nut"):
+        fresh = AddTask("m", name, synth_root, config, empty, routing="oracle").run()
+    assert oracle.as_json()["matrix"] == fresh.as_json()["matrix"]
 
 
 def test_changing_one_field_recomputes_exactly_the_stages_that_read_it(
@@ -91,13 +141,15 @@ def test_changing_one_field_recomputes_exactly_the_stages_that_read_it(
     knowledge = AddTask(
         "b", "grain", synth_root, config.model_copy(update={"knowledge_size": 48}), store
     ).run()
-    assert computed(knowledge) == Counter(knowledge=1, calibrate=1, scores=1, evaluate=1)
+    assert computed(knowledge) == Counter(knowledge=1, calibrate=1, scores=1, evaluate=1, row=1)
     blur = AddTask(
         "c", "grain", synth_root, config.model_copy(update={"blur_sigma": 2.0}), store
     ).run()
-    assert computed(blur) == Counter(evaluate=1)
+    assert computed(blur) == Counter(evaluate=1, row=1)
     epochs = AddTask("d", "grain", synth_root, config.model_copy(update={"epochs": 2}), store).run()
-    assert computed(epochs) == Counter(prompts=1, knowledge=1, calibrate=1, scores=1, evaluate=1)
+    assert computed(epochs) == Counter(
+        prompts=1, knowledge=1, calibrate=1, scores=1, evaluate=1, row=1
+    )
     runtime_only = AddTask(
         "a", "grain", synth_root, config.model_copy(update={"inference_batch_size": 3}), store
     ).run()
@@ -229,9 +281,11 @@ def test_the_same_files_elsewhere_are_the_same_class(synth_root, tmp_path, confi
 
 def _selection_changed(store, result, task):
     """Whether any test image of `task` chose another class under the latest version."""
-    routing = [s for s in result.stages if s.stage == "routing" and s.task == task]
-    own, *others = (store.get("routing", s.digest).array("distances") for s in routing)
-    return any(bool((other < own).any()) for other in others)
+    routed = [store.get("routing", s.digest) for s in result.stages if s.stage == "routing"]
+    own = [a for a in routed if a.attrs["task"] == task]
+    among_all = max(own, key=lambda artifact: len(artifact.attrs["inputs"]["keys"]))
+    j = result.tasks.index(task)
+    return bool((among_all.array("selected") != j).any())
 
 
 def test_an_earlier_class_whose_data_is_gone_is_evaluated_from_the_store_or_left_out(
@@ -251,14 +305,18 @@ def test_an_earlier_class_whose_data_is_gone_is_evaluated_from_the_store_or_left
     # artifacts as version 1's: reported without the images. Otherwise grain needs them: null.
     changed = _selection_changed(store, second, "grain")
     assert matrix[1][0] == (None if changed else matrix[0][0])
+    # a row is written only when every class of its version was evaluated
+    assert len(store.artifacts("row")) == (1 if changed else 2)
 
-    # Without its stored scores grain needs its images at every version: left out, with a warning.
-    for stage in ("scores", "evaluate"):
+    # Without its stored rows, scores and figures grain needs its images at every version: left
+    # out, with a warning, and no row is written.
+    for stage in ("row", "scores", "evaluate"):
         for _, digest in store.artifacts(stage):
-            if store.get(stage, digest).attrs["task"] == "grain":
+            if stage == "row" or store.get(stage, digest).attrs["task"] == "grain":
                 store.remove(stage, digest)
     again = AddTask("m", "nut", data, config, store).run()
     assert [row[0] for row in again.as_json()["matrix"]["image_auroc"]] == [None, None]
+    assert store.artifacts("row") == []
     assert "class grain not evaluated" in caplog.text and "unknown class 'grain'" in caplog.text
 
 

@@ -244,7 +244,7 @@ def _mlflow_runs(store: Path) -> set[str]:
 
 def test_add_task_deployment_through_server_and_worker(services, synth_root):
     first_id = _run_add_task(services, synth_root)
-    stage_runs = {f"{stage}-grain" for stage in CLASS_STAGES} | {"evaluate-grain-v1"}
+    stage_runs = {f"{stage}-grain" for stage in CLASS_STAGES} | {"evaluate-grain-v1", "row-v1"}
     first = _task_states(services, first_id, len(stage_runs) + SMOKE["max_workers"])
     store = ArtifactStore(services.store)
     manifest = store.read_model("line-1")
@@ -261,9 +261,10 @@ def test_add_task_deployment_through_server_and_worker(services, synth_root):
     assert kind == "markdown" and "| image_auroc |" in summary
 
     # A new flow run, in a new process: the store has every artifact, so nothing runs; what was
-    # found shows as one Cached task run.
+    # found shows as one Cached task run: the class's stages and version 1's row of results.
     second_id = _run_add_task(services, synth_root)
-    assert _task_states(services, second_id, 1) == {f"found-in-store-{len(stage_runs)}": "Cached"}
+    found = len(CLASS_STAGES) + 1
+    assert _task_states(services, second_id, 1) == {f"found-in-store-{found}": "Cached"}
     assert store.model_versions("line-1") == [1]
     # the second changed nothing: no MLflow run for it
     assert _mlflow_runs(services.store) == {str(first_id)}
@@ -280,9 +281,10 @@ def test_benchmark_runs_each_unit_of_work_once(services, synth_root, tmp_path):
     classes = ["grain", "nut", "stripes"]
     learned = {f"{stage}-{name}" for stage in CLASS_STAGES for name in classes}
     evaluations = {f"evaluate-{classes[j]}-v{v}" for v in (1, 2, 3) for j in range(v)}
+    evaluations |= {f"row-v{v}" for v in (1, 2, 3)}
     chunks = len(classes) * SMOKE["max_workers"]
     states = _task_states(services, flow_run_id, len(learned) + len(evaluations) + chunks)
-    assert len(evaluations) == 6 and len(states) == len(learned) + len(evaluations) + chunks
+    assert len(evaluations) == 9 and len(states) == len(learned) + len(evaluations) + chunks
     assert {n for n in states if not n.startswith("structure-maps-")} == learned | evaluations
     assert set(states.values()) == {"Completed"}  # a fresh store: no Cached task run
 
@@ -314,6 +316,7 @@ def test_the_benchmark_on_a_dask_cluster_equals_the_sequential_run(
     classes = ["grain", "nut", "stripes"]
     learned = {f"{stage}-{name}" for stage in CLASS_STAGES for name in classes}
     evaluations = {f"evaluate-{classes[j]}-v{v}" for v in (1, 2, 3) for j in range(v)}
+    evaluations |= {f"row-v{v}" for v in (1, 2, 3)}
     states = _task_states(services, flow_run_id, len(learned) + len(evaluations))
     assert set(states) == learned | evaluations and set(states.values()) == {"Completed"}
     ours, theirs = ArtifactStore(store), ArtifactStore(reference)

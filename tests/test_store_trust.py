@@ -141,11 +141,12 @@ def test_a_damaged_chunk_is_refused_listed_and_repaired(capsys, learned, store, 
 
 
 def test_an_edited_attribute_is_found(capsys, learned, store):
-    """Metrics live in attributes: changing one by hand is damage, not a new figure."""
-    folder = artifact_dir(store, "evaluate")
+    """Metrics live in attributes: changing one by hand is damage, not a new figure. (The run
+    reads version 1's figures from its row of results, the row of grain.)"""
+    folder = artifact_dir(store, "row")
     meta = folder / "zarr.json"
     data = json.loads(meta.read_text())
-    data["attributes"]["metrics"]["image_auroc"] = 0.123
+    data["attributes"]["metrics"][0]["image_auroc"] = 0.123
     meta.write_text(json.dumps(data))
     code, _, err = run(capsys, add_task(store, learned["data"], "nut"))
     assert code == 1 and "attributes do not match" in err and folder.name[:32] in err

@@ -66,6 +66,10 @@ class Meter:
         return peak_rss_bytes()
 
 
+# A request's stage calls that evaluate: rows looked up, classes evaluated, a new row written.
+EVALUATION_CALLS = ("find_row", "evaluate", "row")
+
+
 class MeteredRunner:
     """A StageRunner that measures every stage call it passes on."""
 

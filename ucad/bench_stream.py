@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ucad.bench_meter import Meter, MeteredRunner
+from ucad.bench_meter import EVALUATION_CALLS, Meter, MeteredRunner
 from ucad.bench_passes import warm_up
 from ucad.cluster import dask_runner
 from ucad.config import Config
@@ -115,8 +115,12 @@ def measure_stream(
                 "step": step,
                 "task": name,
                 "seconds": wall.seconds,
-                "learn_seconds": sum(r.seconds for s, r in runner.calls if s != "evaluate"),
-                "evaluate_seconds": sum(r.seconds for s, r in runner.calls if s == "evaluate"),
+                "learn_seconds": sum(
+                    r.seconds for s, r in runner.calls if s not in EVALUATION_CALLS
+                ),
+                "evaluate_seconds": sum(
+                    r.seconds for s, r in runner.calls if s in EVALUATION_CALLS
+                ),
                 "frozen_passes": stage_rows(store, computed, "features", "features"),
                 "prompted_passes": stage_rows(store, computed, "scores", "index"),
                 "reextract_passes": 2 * test_images,

@@ -11,7 +11,8 @@ out"):
     request -> head version (validated, its artifacts checked) -> TaskSource of the class
     -> structure, keys -> prompts -> knowledge -> calibrate      (ucad/stages/, cached by digest)
     -> the next ModelVersion, in memory
-    -> evaluate every class of every version                    (features, routing, scores)
+    -> each version's row of results: found in the store (earlier versions), or its
+       classes evaluated (features, routing, scores, evaluate) and the row written
     -> the new version written (manifest.append_version): last, so a run that fails or is
        killed before it leaves no version behind
     -> RunResult (results matrix, stage records)
@@ -20,7 +21,6 @@ out"):
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -48,6 +48,7 @@ from ucad.stages.evaluate import run_evaluate
 from ucad.stages.keys import run_keys
 from ucad.stages.knowledge import run_knowledge
 from ucad.stages.prompts import run_prompts
+from ucad.stages.row import Row, find_row, run_row
 from ucad.stages.structure import run_structure
 from ucad.store import ArtifactStore, validate_name
 from ucad.verify import check_version
@@ -159,30 +160,22 @@ class Replay:
         results = ResultsMatrix(len(sources), METRICS)
         records: list[StageRecord] = []
         version: ModelVersion | None = None
-        unwritten: list[tuple[ModelVersion, list[Future[Evaluation]]]] = []
+        unwritten: list[PendingRow] = []
         for t, source in enumerate(sources):
             learned = learning.pop(t).result()
             records += learned
             entry = task_entry(self.store, source, learned)
             version = next_version(model, version, entry, self.config)
-            unwritten.append((version, submit_evaluations(pool, runner, version, self.routing)))
-            while unwritten and (t == len(sources) - 1 or all(f.done() for f in unwritten[0][1])):
-                written, evaluations = unwritten.pop(0)
-                row = gather_row(written, evaluations)
-                publish(self.store, written)  # a fresh model: no other run writes to it
-                results.set_row(written.version - 1, row.metrics)
+            unwritten.append(start_row(pool, runner, version, self.routing))
+            while unwritten and (t == len(sources) - 1 or unwritten[0].done()):
+                pending = unwritten.pop(0)
+                row = finish_row(runner, pending)
+                publish(self.store, pending.version)  # a fresh model: no other run writes to it
+                results.set_row(pending.version.version - 1, row.metrics)
                 records += row.records
             start(t + runner.workers)
         assert version is not None  # resolve_tasks never returns an empty order
         return _result(self, version, results, records, True)
-
-
-@dataclass(frozen=True)
-class Row:
-    """Row v-1 of the results matrix: every class of version v, evaluated."""
-
-    metrics: dict[int, dict[str, float]]
-    records: list[StageRecord]
 
 
 def learn(
@@ -284,20 +277,46 @@ def restore(
     return records
 
 
-def submit_evaluations(
+@dataclass(frozen=True)
+class PendingRow:
+    """A version's row of the results matrix: found in the store, or its classes' evaluations
+    under way."""
+
+    version: ModelVersion
+    routing: Routing
+    found: Row | None
+    evaluations: list[Future[Evaluation]]
+
+    def done(self) -> bool:
+        return all(future.done() for future in self.evaluations)
+
+
+def start_row(
     pool: Executor, runner: StageRunner, version: ModelVersion, routing: Routing
-) -> list[Future[Evaluation]]:
-    """Evaluate every class of one version (a row of the results matrix), as pool work."""
-    return [
-        pool.submit(runner, run_evaluate, version, j, routing) for j in range(len(version.tasks))
-    ]
+) -> PendingRow:
+    """Look the version's row up; where the store lacks it, start evaluating each class."""
+    found = runner(find_row, version, routing)
+    evaluations = (
+        []
+        if found
+        else [
+            pool.submit(runner, run_evaluate, version, j, routing)
+            for j in range(len(version.tasks))
+        ]
+    )
+    return PendingRow(version, routing, found, evaluations)
 
 
-def gather_row(version: ModelVersion, evaluations: Sequence[Future[Evaluation]]) -> Row:
-    """The row of a version's evaluations; a class whose test images are gone stays empty."""
+def finish_row(runner: StageRunner, pending: PendingRow) -> Row:
+    """The row as found, or gathered from its evaluations and written once complete; a class
+    whose test images are gone stays empty (and the row unwritten)."""
+    if pending.found is not None:
+        return pending.found
+    version = pending.version
     metrics: dict[int, dict[str, float]] = {}
     records: list[StageRecord] = []
-    for j, future in enumerate(evaluations):
+    evaluated: list[str] = []
+    for j, future in enumerate(pending.evaluations):
         try:
             evaluation = future.result()
         except DataUnavailableError as err:
@@ -307,23 +326,27 @@ def gather_row(version: ModelVersion, evaluations: Sequence[Future[Evaluation]])
             continue
         metrics[j] = evaluation.metrics
         records += evaluation.records
+        evaluated.append(evaluation.digest)
+    if len(evaluated) == len(version.tasks):
+        records.append(runner(run_row, version, pending.routing, evaluated))
     return Row(metrics, records)
 
 
 def evaluate_history(
     store: ArtifactStore, head: ModelVersion, routing: Routing, runner: StageRunner, pool: Executor
 ) -> tuple[ResultsMatrix, list[StageRecord]]:
-    """Results matrix of versions 1..head: row v-1 evaluates every class of version v."""
+    """Results matrix of versions 1..head: row v-1 has every class of version v. Rows of earlier
+    versions are found in the store (one lookup each), so only new versions evaluate."""
     versions = [
         head if v == head.version else load_version(store, head.model, v)
         for v in range(1, head.version + 1)
     ]
-    submitted = [submit_evaluations(pool, runner, version, routing) for version in versions]
+    started = [start_row(pool, runner, version, routing) for version in versions]
     results = ResultsMatrix(head.version, METRICS)
     records: list[StageRecord] = []
-    for version, evaluations in zip(versions, submitted, strict=True):
-        row = gather_row(version, evaluations)
-        results.set_row(version.version - 1, row.metrics)
+    for pending in started:
+        row = finish_row(runner, pending)
+        results.set_row(pending.version.version - 1, row.metrics)
         records += row.records
     return results, records
 

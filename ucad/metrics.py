@@ -286,6 +286,11 @@ def json_float(value: float | None) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
 
 
+def from_json(figures: Mapping[str, float | None]) -> dict[str, float]:
+    """Figures read back from JSON: null (an undefined figure) becomes NaN again."""
+    return {k: float("nan") if v is None else float(v) for k, v in figures.items()}
+
+
 class ResultsMatrix:
     """Per-metric T x T results of a continual run: entry (t, j) is task j after learning task t.
 

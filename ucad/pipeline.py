@@ -112,7 +112,12 @@ class Evaluation:
     """One test set evaluated by one model version: its metrics and the stages it took."""
 
     metrics: dict[str, float]
-    records: list[StageRecord] = field(default_factory=list)
+    records: list[StageRecord] = field(default_factory=list)  # the evaluate stage's comes last
+
+    @property
+    def digest(self) -> str:
+        """The evaluate artifact that holds these figures."""
+        return self.records[-1].digest
 
 
 Claim = Callable[[str], AbstractContextManager[object]]

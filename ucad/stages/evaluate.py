@@ -5,7 +5,8 @@ prompts and knowledge (scores), and the class's metrics are computed from those 
 anomaly maps and the test labels and masks. The evaluation is named by what its figures are
 made of: the test set, the class each image chose and the score artifacts read. An earlier
 class none of whose images change their choice under a new version therefore keeps its figures,
-so each new version costs routing for the new class's keys, not a re-evaluation of everything.
+so each new version costs routing for the new class's keys (one class's distances per test set,
+ucad/stages/routing.py), not a re-evaluation of everything.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ import torch
 from ucad.config import ROUTINGS, Routing
 from ucad.data.source import TaskSource
 from ucad.manifest import ModelVersion
-from ucad.metrics import json_float, task_metrics
-from ucad.pipeline import Evaluation, Runtime, Stage, StageRecord, cached
+from ucad.metrics import from_json, json_float, task_metrics
+from ucad.pipeline import Evaluation, Runtime, Stage, StageRecord, cached, lookup
 from ucad.scoring import anomaly_maps
 from ucad.stages.features import FEATURES, run_features
-from ucad.stages.routing import ROUTING, run_routing
+from ucad.stages.routing import ROUTING, routing_inputs, run_routing
 from ucad.stages.scores import SCORES, run_scores
 
 EVALUATE = Stage(
@@ -69,8 +70,7 @@ def run_evaluate(
         return arrays, {"metrics": {k: json_float(v) for k, v in metrics.items()}}
 
     record = cached(rt, EVALUATE, source.name, inputs, compute)
-    stored = rt.store.get("evaluate", record.digest).attrs["metrics"]
-    metrics = {k: float("nan") if v is None else v for k, v in stored.items()}
+    metrics = from_json(rt.store.get("evaluate", record.digest).attrs["metrics"])
     return Evaluation(metrics, [*records, record])
 
 
@@ -90,23 +90,34 @@ def _route_and_score(
     """The class each image of test set j selects, and the score artifacts that cover them."""
     features = run_features(rt, source)
     records.append(features)
-    routing_digests = []
-    distances = []
-    for task in version.tasks:
-        record = run_routing(rt, source.name, features.digest, task.keys)
-        records.append(record)
-        routing_digests.append(record.digest)
-        distances.append(rt.store.get("routing", record.digest).array("distances"))
-    stacked = np.stack(distances, axis=1)
-    selected = stacked.argmin(axis=1)
+    keys = [task.keys for task in version.tasks]
+    routed: dict[int, StageRecord] = {}  # classes routed among -> routing record
+
+    def route(count: int) -> np.ndarray:
+        """The class each image selects among the first `count` classes."""
+        known = count
+        while known > 0 and known not in routed:  # the longest choice already in the store
+            found = lookup(rt, ROUTING, source.name, routing_inputs(features.digest, keys[:known]))
+            if found.cached:
+                routed[known] = found
+                records.append(found)
+                break
+            known -= 1
+        for n in range(known + 1, count + 1):  # then one class more at a time
+            previous = routed[n - 1].digest if n > 1 else None
+            routed[n] = run_routing(rt, source.name, features.digest, keys[:n], previous)
+            records.append(routed[n])
+        return rt.store.get("routing", routed[count].digest).array("selected")
+
+    selected = route(len(keys))
     scored = {}
     for t in np.unique(selected).tolist():
         # Scores under class t are computed once, at the first version holding both j and t:
         # every later class can only take images away from t, never add any.
-        first = max(j, t)
-        index = np.flatnonzero(stacked[:, : first + 1].argmin(axis=1) == t)
-        routing_inputs = {"routing": "agnostic", "routing_digests": routing_digests[: first + 1]}
-        record = run_scores(rt, source, version.tasks[t], index, routing_inputs)
+        first = max(j, t) + 1
+        index = np.flatnonzero(route(first) == t)
+        chosen_by = {"routing": "agnostic", "routing_among": routed[first].digest}
+        record = run_scores(rt, source, version.tasks[t], index, chosen_by)
         records.append(record)
         scored[t] = record
     return selected, scored

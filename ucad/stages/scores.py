@@ -34,7 +34,7 @@ def run_scores(
 ) -> StageRecord:
     """Scores of test images `index` of `source` under class `task`'s prompts and knowledge.
 
-    `routing_inputs` names what chose these images (the routing digests, or oracle routing).
+    `routing_inputs` names what chose these images (the routing artifact, or oracle routing).
     """
 
     def compute():
