@@ -79,8 +79,9 @@ def test_new_class_computes_only_its_stages_and_new_evaluations(synth_root, tmp_
     assert len(grain_evaluations) == 1 + grain_changed
     # frozen features only for the new test set; grain's features are reused
     assert counts["features"] == 1
-    # grain's images get distances to nut's keys; nut's images to both tasks' keys
-    assert counts["routing"] == 3
+    # grain's images are routed among both classes built on their routing to grain alone;
+    # nut's images among both classes at once
+    assert counts["routing"] == 2
     assert len(second.results.matrix("image_auroc")) == 2
     # version 1's row is found in the store; version 2's is written
     rows = [(s.task, s.cached) for s in second.stages if s.stage == "row"]

@@ -103,10 +103,10 @@ def _route_and_score(
                 records.append(found)
                 break
             known -= 1
-        for n in range(known + 1, count + 1):  # then one class more at a time
-            previous = routed[n - 1].digest if n > 1 else None
-            routed[n] = run_routing(rt, source.name, features.digest, keys[:n], previous)
-            records.append(routed[n])
+        if count not in routed:  # built on it (or from nothing): the classes after it at once
+            previous = routed[known].digest if known else None
+            routed[count] = run_routing(rt, source.name, features.digest, keys[:count], previous)
+            records.append(routed[count])
         return rt.store.get("routing", routed[count].digest).array("selected")
 
     selected = route(len(keys))

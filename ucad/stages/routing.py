@@ -1,10 +1,11 @@
 """Stage `routing`: which of a model version's classes each test image of one class chooses.
 
 An image chooses the class whose keys are nearest: the least sum over its patches of the distance
-to the nearest key, ties to the earlier class. The choice among classes 1..v is the choice among
-1..v-1 set against class v's distances, so routing is stored per prefix of the class order and
-built from the prefix before it: a new model version adds one class's distances per test set and
-reads one earlier artifact, however many classes came before.
+to the nearest key, ties to the earlier class. The choice among classes 1..n is the choice among
+1..m (m < n) set against the distances to classes m+1..n, so routing is stored per prefix of the
+class order and built on a shorter one: a new model version adds one class's distances to each
+earlier test set, reading one earlier artifact, however many classes came before; a new test set
+is routed among all classes at once.
 """
 
 from __future__ import annotations
@@ -32,32 +33,40 @@ def run_routing(
 ) -> StageRecord:
     """The choice of each image among the classes whose key artifacts are `keys`, in order.
 
-    `previous` is the routing of the same features among every class of `keys` but the last
-    (None for one class). Arrays: `distances` to the last class (per image, the sum over its
-    patches of the distance to the nearest key), `best` the least such sum over all the classes,
-    and `selected` the class (index into `keys`) that has it.
+    `previous` is the routing of the same features among the first m < len(keys) classes, or
+    None (m = 0). Arrays: `best`, per image the least over the classes of the sum over its patches
+    of the distance to the class's nearest key, and `selected`, the class (index into `keys`) that
+    has it. Both are the same whichever m they were built on (the artifact is named without it).
     """
-    if len(keys) == 1 and previous is not None:
-        raise ValueError("routing among one class is built on no previous routing")
-    if len(keys) > 1 and previous is None:
-        raise ValueError(
-            f"routing among {len(keys)} classes is built on the routing among the first "
-            f"{len(keys) - 1} (previous)"
-        )
 
     def compute():
         frozen = torch.from_numpy(rt.store.get("features", features).array("features"))
-        last = torch.from_numpy(rt.store.get("keys", keys[-1]).array("keys"))
-        distances = task_distances(frozen, [last])[:, 0].numpy()
+        known = 0 if previous is None else _class_count(rt, previous)
+        if not 0 <= known < len(keys):
+            raise ValueError(f"routing among {len(keys)} classes cannot build on {known}")
+        # one class at a time, as every routing computes a class's distances
+        new = [
+            task_distances(frozen, [torch.from_numpy(rt.store.get("keys", k).array("keys"))])[:, 0]
+            for k in keys[known:]
+        ]
+        distances = torch.stack(new, dim=1).numpy()  # classes m+1..
         if previous is None:
-            best, selected = distances, np.zeros(len(distances), dtype=np.int64)
+            candidates, offset = distances, 0
         else:
             before = rt.store.get("routing", previous)
-            pair = np.stack([before.array("best"), distances], axis=1)
-            # argmin of the pair is argmin over all classes: the first least value (a NaN first)
-            later = pair.argmin(axis=1) == 1
-            best = np.where(later, distances, before.array("best"))
-            selected = np.where(later, len(keys) - 1, before.array("selected"))
-        return {"distances": distances, "best": best, "selected": selected.astype(np.int64)}, {}
+            candidates = np.concatenate([before.array("best")[:, None], distances], axis=1)
+            offset = known - 1
+        # the first least value (a NaN first), as argmin over all the classes' distances
+        pick = candidates.argmin(axis=1)
+        best = np.take_along_axis(candidates, pick[:, None], axis=1)[:, 0]
+        selected = pick + offset
+        if previous is not None:
+            selected = np.where(pick == 0, before.array("selected"), selected)
+        return {"best": best, "selected": selected.astype(np.int64)}, {"built_on": previous}
 
     return cached(rt, ROUTING, test_task, routing_inputs(features, keys), compute)
+
+
+def _class_count(rt: Runtime, routing: str) -> int:
+    """How many classes a stored routing chose among."""
+    return len(rt.store.get("routing", routing).attrs["inputs"]["keys"])
