@@ -118,8 +118,7 @@ def test_predict_scores_are_the_stored_evaluation_scores_version_by_version(synt
         assert len(records) == sum(len(truths[name].images) for name in names[:v])
         for j, name in enumerate(names[:v]):
             truth = truths[name]
-            _, distances = stored_routing(store, tasks, j)
-            selected = distances.argmin(axis=1)
+            _, _, selected = stored_routing(store, tasks, j)
             stored = stored_evaluation(store, tasks, j, selected).array("image_scores")
             patch, _ = stored_scores(store, tasks, j, selected, model.backbone.num_patches)
             prediction = model.predict(load_pixels(truth.images, config.image_size))
