@@ -246,13 +246,13 @@ def test_killed_run_leaves_nothing_trusted_and_the_next_run_finishes(synth_root,
     command = [
         sys.executable, "-m", "ucad.cli", "add-task", "--model", "m", "--task", "grain",
         "--data", str(synth_root), "--preset", "smoke", "--store", str(store_root),
-        "--set", "epochs=40", "--set", "key_size=32", "--set", "knowledge_size=64",
+        "--set", "epochs=12", "--set", "key_size=32", "--set", "knowledge_size=64",
         "--json", str(out),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 120
-    for line in process.stderr:
+    for line in process.stderr:  # killed at once: 10 more epochs (seconds) must not finish first
         if "prompts epoch 2/" in line or time.monotonic() > deadline:
             break
     process.send_signal(signal.SIGKILL)

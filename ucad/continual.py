@@ -296,15 +296,11 @@ def start_row(
 ) -> PendingRow:
     """Look the version's row up; where the store lacks it, start evaluating each class."""
     found = runner(find_row, version, routing)
-    evaluations = (
-        []
-        if found
-        else [
-            pool.submit(runner, run_evaluate, version, j, routing)
-            for j in range(len(version.tasks))
-        ]
-    )
-    return PendingRow(version, routing, found, evaluations)
+    if found is not None:
+        return PendingRow(version, routing, found, [])
+    classes = range(len(version.tasks))
+    evaluations = [pool.submit(runner, run_evaluate, version, j, routing) for j in classes]
+    return PendingRow(version, routing, None, evaluations)
 
 
 def finish_row(runner: StageRunner, pending: PendingRow) -> Row:
