@@ -12,8 +12,10 @@ import sys
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 
+from ucad import pipeline
 from ucad.config import load_config
 from ucad.continual import AddTask, Replay
 from ucad.pipeline import Runtime
@@ -336,3 +338,27 @@ def test_changed_files_are_never_evaluated_under_the_old_fingerprint(synth_root,
     changed = _selection_changed(store, second, "grain")
     assert matrix[1][0] == (None if changed else matrix[0][0])
     assert len(store.artifacts("evaluate")) == 2  # v1: grain; v2: nut only
+
+
+def test_a_runtime_keeps_only_the_latest_image_sets(synth_root, tmp_path, config, monkeypatch):
+    """A long-lived worker serves many classes: it keeps the latest image sets, not all."""
+    from ucad.data.datasets import read_task
+    from ucad.data.source import TaskSource
+
+    loads = []
+    real = pipeline.load_images
+    monkeypatch.setattr(pipeline, "KEPT_IMAGE_SETS", 2)
+    monkeypatch.setattr(pipeline, "load_images", lambda *a: loads.append(a[0]) or real(*a))
+    rt = Runtime(config, ArtifactStore(tmp_path / "store"))
+    grain, nut, stripes = (
+        TaskSource.from_data(synth_root, "mvtec", read_task(synth_root, name, "mvtec"))
+        for name in ("grain", "nut", "stripes")
+    )
+    first = rt.train_images(grain)
+    assert rt.train_images(grain) is first and len(loads) == 1  # loaded once while kept
+    rt.train_images(nut)
+    rt.train_images(stripes)  # grain is now the oldest of three: let go
+    assert len(loads) == 3
+    again = rt.train_images(grain)
+    assert len(loads) == 4 and again is not first
+    np.testing.assert_array_equal(again, first)

@@ -12,12 +12,14 @@ up and publishes what it computes (docs/method.md, "The cached pipeline").
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property, lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -121,6 +123,8 @@ class Evaluation:
 
 
 Claim = Callable[[str], AbstractContextManager[object]]
+T = TypeVar("T")
+KEPT_IMAGE_SETS = 4  # training or test sets of images a Runtime keeps in memory, each
 
 
 def no_claim(name: str) -> AbstractContextManager[object]:
@@ -146,8 +150,9 @@ class Runtime:
         self.store = store
         self.claim = claim
         self._structure_source = structure_source  # a built one (bench: SAM with random weights)
-        self._train: dict[str, np.ndarray] = {}
-        self._test: dict[str, TestSet] = {}
+        self._train: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._test: OrderedDict[str, TestSet] = OrderedDict()
+        self._images_lock = threading.Lock()
 
     @cached_property
     def device(self) -> torch.device:
@@ -185,16 +190,33 @@ class Runtime:
         return input_geometry(self.config, self.backbone)
 
     def train_images(self, source: TaskSource) -> np.ndarray:
-        if source.train not in self._train:
+        def load() -> np.ndarray:
             paths = source.read("train").train
-            self._train[source.train] = load_images(paths, self.geometry, self.config.workers)
-        return self._train[source.train]
+            return load_images(paths, self.geometry, self.config.workers)
+
+        return self._kept(self._train, source.train, load)
 
     def test_set(self, source: TaskSource) -> TestSet:
-        if source.test not in self._test:
+        def load() -> TestSet:
             samples = source.read("test").test
-            self._test[source.test] = load_test_set(samples, self.geometry, self.config.workers)
-        return self._test[source.test]
+            return load_test_set(samples, self.geometry, self.config.workers)
+
+        return self._kept(self._test, source.test, load)
+
+    def _kept(self, kept: OrderedDict[str, T], key: str, load: Callable[[], T]) -> T:
+        """The image set `key`, loaded once while it is among the latest `KEPT_IMAGE_SETS` used:
+        a class's stages read its images one after another, and a long-lived worker (Dask,
+        a flow's process) serves many classes, so older sets are let go."""
+        with self._images_lock:
+            if key in kept:
+                kept.move_to_end(key)
+                return kept[key]
+        value = load()
+        with self._images_lock:
+            kept[key] = value
+            while len(kept) > KEPT_IMAGE_SETS:
+                kept.popitem(last=False)
+        return value
 
 
 def process_runtime(config: Config, store_root: str) -> Runtime:
