@@ -64,5 +64,14 @@ def test_routing_built_on_fewer_classes_is_the_argmin_over_all_classes(tmp_path)
 def test_routing_builds_only_on_fewer_classes(tmp_path):
     rt, names = world(tmp_path, torch.zeros(2, 3, 4), [torch.ones(2, 4), torch.zeros(2, 4)])
     first = run_routing(rt, "test", FEATURES, names[:1], None).digest
-    with pytest.raises(ValueError, match="routing among 1 classes cannot build on 1"):
-        run_routing(rt, "test", FEATURES, names[1:], first)
+    both = run_routing(rt, "test", FEATURES, names, first).digest
+    rt.store.put("features", "e" * 32, {"features": torch.ones(2, 3, 4).numpy()})
+    wrong = {
+        "as many classes": (FEATURES, names[1:], first),
+        "more classes": (FEATURES, names[:1], both),
+        "other classes": (FEATURES, names[::-1], first),
+        "other features": ("e" * 32, names, first),
+    }
+    for features, keys, previous in wrong.values():
+        with pytest.raises(ValueError, match="must be the first of them, for the same features"):
+            run_routing(rt, "test", features, keys, previous)

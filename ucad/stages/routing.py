@@ -38,12 +38,10 @@ def run_routing(
     of the distance to the class's nearest key, and `selected`, the class (index into `keys`) that
     has it. Both are the same whichever m they were built on (the artifact is named without it).
     """
+    known = 0 if previous is None else _classes_before(rt, previous, features, keys)
 
     def compute():
         frozen = torch.from_numpy(rt.store.get("features", features).array("features"))
-        known = 0 if previous is None else _class_count(rt, previous)
-        if not 0 <= known < len(keys):
-            raise ValueError(f"routing among {len(keys)} classes cannot build on {known}")
         # one class at a time, as every routing computes a class's distances
         new = [
             task_distances(frozen, [torch.from_numpy(rt.store.get("keys", k).array("keys"))])[:, 0]
@@ -67,6 +65,14 @@ def run_routing(
     return cached(rt, ROUTING, test_task, routing_inputs(features, keys), compute)
 
 
-def _class_count(rt: Runtime, routing: str) -> int:
-    """How many classes a stored routing chose among."""
-    return len(rt.store.get("routing", routing).attrs["inputs"]["keys"])
+def _classes_before(rt: Runtime, previous: str, features: str, keys: list[str]) -> int:
+    """How many classes the routing `previous` chose among: fewer than `keys`, and the first of
+    them, for the same features (anything else would be another routing)."""
+    inputs = rt.store.get("routing", previous).attrs["inputs"]
+    known = len(inputs["keys"])
+    if inputs["features"] != features or inputs["keys"] != keys[:known] or known >= len(keys):
+        raise ValueError(
+            f"routing among {len(keys)} classes cannot build on routing {previous}: it chose "
+            f"among {known} classes, which must be the first of them, for the same features"
+        )
+    return known
