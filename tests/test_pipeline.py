@@ -17,8 +17,8 @@ import pytest
 
 from ucad import pipeline
 from ucad.config import load_config
-from ucad.continual import AddTask, Replay
-from ucad.pipeline import Runtime
+from ucad.continual import AddTask, Replay, unique_records
+from ucad.pipeline import Runtime, StageRecord
 from ucad.runners import LocalRunner, stage_name
 from ucad.store import ArtifactStore, ModelVersionConflict
 
@@ -362,3 +362,14 @@ def test_a_runtime_keeps_only_the_latest_image_sets(synth_root, tmp_path, config
     again = rt.train_images(grain)
     assert len(loads) == 4 and again is not first
     np.testing.assert_array_equal(again, first)
+
+
+def test_a_raced_artifact_counts_as_computed_once():
+    """Two workers asked for one digest: one computed it, the other found it (raced). The run
+    computed it once, whichever record comes first; other artifacts stay once, in order."""
+    computed_once = StageRecord("keys", "grain", "a" * 32, cached=False, seconds=2.0)
+    raced = StageRecord("keys", "grain", "a" * 32, cached=True, seconds=0.0, raced=True)
+    other = StageRecord("features", "grain", "b" * 32, cached=True, seconds=0.0)
+    assert unique_records([raced, other, computed_once]) == [computed_once, other]
+    assert unique_records([computed_once, other, raced]) == [computed_once, other]
+    assert unique_records([other, raced, other]) == [other, raced]

@@ -361,17 +361,18 @@ def _result(
         request.routing,
         request.config,
         results,
-        _unique(records),
+        unique_records(records),
         new_version,
     )
 
 
-def _unique(records: list[StageRecord]) -> list[StageRecord]:
-    """Each artifact once: evaluations of several versions share features, routing, scores."""
-    seen: set[tuple[str, str]] = set()
-    unique = []
+def unique_records(records: list[StageRecord]) -> list[StageRecord]:
+    """Each artifact once (evaluations share features, routing and scores), in first-seen order,
+    as computed where any record of it says so: two workers that raced for one artifact leave
+    one computed record and one cached (raced) one, in either order."""
+    unique: dict[tuple[str, str], StageRecord] = {}
     for record in records:
-        if (record.stage, record.digest) not in seen:
-            seen.add((record.stage, record.digest))
-            unique.append(record)
-    return unique
+        key = (record.stage, record.digest)
+        if key not in unique or (unique[key].cached and not record.cached):
+            unique[key] = record
+    return list(unique.values())
