@@ -179,7 +179,8 @@ class SamMaskGenerator:
         self.prompts_upscaled += len(prompts)
         with autocast_to(self.device, self.settings.autocast_dtype):
             logits = decoder.mask_logits(decoded, prompts)
-        logits, iou_preds = logits.float()[keep[prompts]], iou_preds[prompts][keep[prompts]]
+        passed = keep[prompts]  # (p, 3): which of the upscaled prompts' masks passed
+        logits, iou_preds = logits.float()[passed], iou_preds[prompts][passed]
         logits = self._resize(logits, size)
         threshold = self.model.mask_threshold
         if self.settings.stability_score_thresh > 0.0:

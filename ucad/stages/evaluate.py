@@ -12,6 +12,7 @@ ucad/stages/routing.py), not a re-evaluation of everything.
 from __future__ import annotations
 
 import hashlib
+from functools import cache
 
 import numpy as np
 import torch
@@ -93,8 +94,9 @@ def _route_and_score(
     keys = [task.keys for task in version.tasks]
     routed: dict[int, StageRecord] = {}  # classes routed among -> routing record
 
+    @cache
     def route(count: int) -> np.ndarray:
-        """The class each image selects among the first `count` classes."""
+        """The class each image selects among the first `count` classes (read once)."""
         known = count
         while known > 0 and known not in routed:  # the longest choice already in the store
             found = lookup(rt, ROUTING, source.name, routing_inputs(features.digest, keys[:known]))

@@ -38,7 +38,10 @@ def run_routing(
     of the distance to the class's nearest key, and `selected`, the class (index into `keys`) that
     has it. Both are the same whichever m they were built on (the artifact is named without it).
     """
-    known = 0 if previous is None else _classes_before(rt, previous, features, keys)
+    before, known = None, 0  # the routing built on, read once, and how many classes it has
+    if previous is not None:
+        before = rt.store.get("routing", previous)
+        known = _classes_before(previous, before.attrs["inputs"], features, keys)
 
     def compute():
         frozen = torch.from_numpy(rt.store.get("features", features).array("features"))
@@ -48,27 +51,25 @@ def run_routing(
             for k in keys[known:]
         ]
         distances = torch.stack(new, dim=1).numpy()  # classes m+1..
-        if previous is None:
+        if before is None:
             candidates, offset = distances, 0
         else:
-            before = rt.store.get("routing", previous)
             candidates = np.concatenate([before.array("best")[:, None], distances], axis=1)
             offset = known - 1
         # the first least value (a NaN first), as argmin over all the classes' distances
         pick = candidates.argmin(axis=1)
         best = np.take_along_axis(candidates, pick[:, None], axis=1)[:, 0]
         selected = pick + offset
-        if previous is not None:
+        if before is not None:
             selected = np.where(pick == 0, before.array("selected"), selected)
         return {"best": best, "selected": selected.astype(np.int64)}, {"built_on": previous}
 
     return cached(rt, ROUTING, test_task, routing_inputs(features, keys), compute)
 
 
-def _classes_before(rt: Runtime, previous: str, features: str, keys: list[str]) -> int:
-    """How many classes the routing `previous` chose among: fewer than `keys`, and the first of
-    them, for the same features (anything else would be another routing)."""
-    inputs = rt.store.get("routing", previous).attrs["inputs"]
+def _classes_before(previous: str, inputs: dict[str, Any], features: str, keys: list[str]) -> int:
+    """How many classes the routing `previous` (its `inputs`) chose among: fewer than `keys`, and
+    the first of them, for the same features (anything else would be another routing)."""
     known = len(inputs["keys"])
     if inputs["features"] != features or inputs["keys"] != keys[:known] or known >= len(keys):
         raise ValueError(
