@@ -7,7 +7,8 @@ structure sources (`ucad.sam_structure`) take too. It runs on SAM's own modules
 (`ResizeLongestSide`, `Sam.preprocess`, `image_encoder`, `prompt_encoder`, `mask_decoder`, `amg`
 helpers) but:
 
-- images go through the image encoder in batches, not one by one;
+- images go through the image encoder in batches, not one by one (on a GPU; on a CPU one at a
+  time is faster, see `CPU_IMAGES_PER_PASS`);
 - the decoder runs as `ucad.sam_decoder.ImageDecoder`: the same modules and weights with the
   sums regrouped, so that what all prompts on an image share is computed once and no
   (pixels x channels) projection is formed per prompt (about 1.3 GMAC per prompt less); the
@@ -63,6 +64,11 @@ SAM_GENERATOR_VERSION = "2"
 # 64x64x256), and a few copies stay in cache. 4 per pass decoded 1.6x faster per prompt than 64
 # (ViT-B decoder, one thread, 2-vCPU AMD EPYC). On a GPU, `points_per_batch` as in the reference.
 CPU_PROMPTS_PER_PASS = 4
+# Images through the image encoder at once on a CPU. Its global-attention blocks form a
+# 4096 x 4096 matrix per head and image: a batch only adds memory traffic on a CPU (ViT-B, 2-vCPU
+# AMD EPYC, s per image at batch 1/2/4: bf16 7.5/9.9/13.0, float32 16.2/21.1/27.0). On a GPU,
+# the caller's batch size.
+CPU_IMAGES_PER_PASS = 1
 
 
 @dataclass(frozen=True)
@@ -115,6 +121,8 @@ class SamMaskGenerator:
             )
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if self.device.type == "cpu":
+            batch_size = min(batch_size, CPU_IMAGES_PER_PASS)
         masks: list[torch.Tensor] = []
         for start in range(0, len(images), batch_size):
             embeddings = self._embed(images[start : start + batch_size])
