@@ -85,7 +85,8 @@ CHANGES: dict[str, tuple[dict, set[str]]] = {
     "seed": ({"seed": 1}, BACKBONE),  # random weights, prompt start, projection, split
     "device": ({"device": "cpu"}, NOTHING),
     "precision": ({"precision": "bf16"}, BACKBONE),
-    "inference_batch_size": ({"inference_batch_size": 3}, NOTHING),
+    # rounding of the backbone's products may depend on the images per pass (ucad/stages/common.py)
+    "inference_batch_size": ({"inference_batch_size": 3}, BACKBONE - {"prompts"}),
     "workers": ({"workers": 2}, NOTHING),
     "tracking_uri": ({"tracking_uri": "sqlite:///elsewhere.db"}, NOTHING),
     "task_runner": ({"task_runner": "dask"}, NOTHING),  # the command runs stages in-process

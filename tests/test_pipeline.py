@@ -154,9 +154,18 @@ def test_changing_one_field_recomputes_exactly_the_stages_that_read_it(
         prompts=1, knowledge=1, calibrate=1, scores=1, evaluate=1, row=1
     )
     runtime_only = AddTask(
-        "a", "grain", synth_root, config.model_copy(update={"inference_batch_size": 3}), store
+        "a", "grain", synth_root, config.model_copy(update={"workers": 3}), store
     ).run()
     assert computed(runtime_only) == Counter() and not runtime_only.new_version
+    # a runtime field, but the stages that batch images through the backbone name it (their
+    # products may round differently): the model keeps its version, those stages are computed
+    batched = AddTask(
+        "a", "grain", synth_root, config.model_copy(update={"inference_batch_size": 3}), store
+    ).run()
+    assert not batched.new_version
+    assert computed(batched) == Counter(
+        features=1, keys=1, knowledge=1, calibrate=1, routing=1, scores=1, evaluate=1, row=1
+    )
 
 
 def test_evaluation_cost_grows_linearly_with_the_stream(synth_root, tmp_path, config):

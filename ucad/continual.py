@@ -129,7 +129,8 @@ class Replay:
 
     def run(self, runner: StageRunner | None = None) -> RunResult:
         order = resolve_tasks(self.data, self.format, self.tasks)
-        model = self.model or f"benchmark-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+        # to the microsecond: two benchmarks into one store may start within the same second
+        model = self.model or f"benchmark-{datetime.now(timezone.utc):%Y%m%d-%H%M%S-%f}"
         if self.store.model_versions(validate_name(model, "model name")):
             raise ValueError(
                 f"model {model!r} exists already in {self.store.root!r}; a benchmark starts fresh"

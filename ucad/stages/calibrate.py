@@ -9,14 +9,14 @@ from ucad.calibration import calibration_split, conformal_threshold
 from ucad.data.source import TaskSource
 from ucad.memory import score_images
 from ucad.pipeline import Runtime, Stage, StageRecord, cached
-from ucad.stages.common import BACKBONE_FIELDS
+from ucad.stages.common import BATCHED_BACKBONE_FIELDS
 from ucad.stages.knowledge import KNOWLEDGE
 from ucad.stages.prompts import PROMPTS
 
 CALIBRATE = Stage(
     "calibrate",
     "2",
-    BACKBONE_FIELDS
+    BATCHED_BACKBONE_FIELDS
     + ("reweight", "reweight_neighbours", "seed", "calibration_fraction", "threshold_quantile"),
     consumes=(PROMPTS, KNOWLEDGE),
     runs_backbone=True,

@@ -11,7 +11,7 @@ from ucad.backbone import PromptedViT
 from ucad.data.source import TaskSource
 from ucad.device import autocast
 from ucad.pipeline import Runtime, Stage, StageRecord, cached
-from ucad.stages.common import BACKBONE_FIELDS
+from ucad.stages.common import BATCHED_BACKBONE_FIELDS
 
 
 @torch.inference_mode()
@@ -43,7 +43,7 @@ def extract_features(
     return out
 
 
-FEATURES = Stage("features", "2", BACKBONE_FIELDS, runs_backbone=True)
+FEATURES = Stage("features", "2", BATCHED_BACKBONE_FIELDS, runs_backbone=True)
 
 
 def run_features(rt: Runtime, source: TaskSource) -> StageRecord:

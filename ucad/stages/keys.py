@@ -5,10 +5,10 @@ from __future__ import annotations
 from ucad.data.source import TaskSource
 from ucad.pipeline import Runtime, Stage, StageRecord, cached
 from ucad.sampling import sample_keys
-from ucad.stages.common import BACKBONE_FIELDS
+from ucad.stages.common import BATCHED_BACKBONE_FIELDS
 from ucad.stages.features import extract_features
 
-KEYS = Stage("keys", "2", BACKBONE_FIELDS + ("key_size",), runs_backbone=True)
+KEYS = Stage("keys", "2", (*BATCHED_BACKBONE_FIELDS, "key_size"), runs_backbone=True)
 
 
 def run_keys(rt: Runtime, source: TaskSource) -> StageRecord:

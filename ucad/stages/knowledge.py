@@ -8,14 +8,14 @@ from ucad.calibration import calibration_split
 from ucad.data.source import TaskSource
 from ucad.pipeline import Runtime, Stage, StageRecord, cached
 from ucad.sampling import sample_knowledge
-from ucad.stages.common import BACKBONE_FIELDS
+from ucad.stages.common import BATCHED_BACKBONE_FIELDS
 from ucad.stages.features import extract_features
 from ucad.stages.prompts import PROMPTS
 
 KNOWLEDGE = Stage(
     "knowledge",
     "3",
-    BACKBONE_FIELDS + ("knowledge_size", "projection_dim", "seed", "calibration_fraction"),
+    BATCHED_BACKBONE_FIELDS + ("knowledge_size", "projection_dim", "seed", "calibration_fraction"),
     consumes=(PROMPTS,),
     runs_backbone=True,
 )

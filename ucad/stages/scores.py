@@ -11,7 +11,7 @@ from ucad.data.source import TaskSource
 from ucad.manifest import TaskEntry
 from ucad.memory import score_images
 from ucad.pipeline import Runtime, Stage, StageRecord, cached
-from ucad.stages.common import BACKBONE_FIELDS
+from ucad.stages.common import BATCHED_BACKBONE_FIELDS
 from ucad.stages.knowledge import KNOWLEDGE
 from ucad.stages.prompts import PROMPTS
 from ucad.stages.routing import ROUTING
@@ -19,7 +19,7 @@ from ucad.stages.routing import ROUTING
 SCORES = Stage(
     "scores",
     "2",
-    BACKBONE_FIELDS + ("reweight", "reweight_neighbours"),
+    BATCHED_BACKBONE_FIELDS + ("reweight", "reweight_neighbours"),
     consumes=(PROMPTS, KNOWLEDGE, ROUTING),
     runs_backbone=True,
 )
