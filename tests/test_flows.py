@@ -43,7 +43,8 @@ def test_a_dask_address_needs_the_dask_task_runner():
 def test_scale_out_settings_never_change_a_digest(config):
     # evaluate consumes every other stage, so its fields are all that any digest reads
     read = set(EVALUATE.field_names(config))
-    assert not read & set(RUNTIME_FIELDS)
+    # the one runtime field a digest names: products may round differently per batch size
+    assert read & set(RUNTIME_FIELDS) == {"inference_batch_size"}
     assert {"task_runner", "dask_address", "max_workers"} <= set(RUNTIME_FIELDS)
 
 
