@@ -123,9 +123,9 @@ class SamStructure(_SamSource):
 class BatchedSamStructure(_SamSource):
     """SAM's automatic masks from `SamMaskGenerator`: images batched, maps at the image's size.
 
-        Paints the same masks in the same order as `SamStructure` (see `ucad.sam_masks` for the
-        differences in how they are computed). `batch_size` images go through the encoder at once on a
-    GPU (one at a time on a CPU: `ucad.sam_masks.CPU_IMAGES_PER_PASS`).
+    Paints the same masks in the same order as `SamStructure` (see `ucad.sam_masks` for the
+    differences in how they are computed). `batch_size` images go through the encoder at once on
+    a GPU (one at a time on a CPU: `ucad.sam_masks.CPU_IMAGES_PER_PASS`).
     """
 
     name = "sam"
