@@ -249,6 +249,17 @@ def test_bench_times_sam_with_random_weights_only_when_asked():
     assert note == "SAM vit_b, random weights: timing only"
 
 
+@pytest.mark.parametrize(("precision", "autocast"), [("fp32", None), ("bf16", torch.bfloat16)])
+def test_bench_times_sam_at_the_precision_the_pipeline_runs_it_in(precision, autocast):
+    from ucad.bench import bench_settings
+    from ucad.bench_structure import structure_choice
+
+    overrides = {"precision": precision, "device": "cpu"}
+    settings = bench_settings("paper", overrides=overrides, images=2, classes=1, structure="sam")
+    _, source, _ = structure_choice(settings.config, settings.structure)
+    assert source.settings.autocast_dtype == autocast
+
+
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [("--images", "1", "at least 2"), ("--classes", "0", "at least 1")],

@@ -254,9 +254,14 @@ def test_bench_structure_comparison_bounds_the_upscaling_it_skips(model):
     )
     fast = BatchedSamStructure(model, "cpu", config_settings(config))
     rt = SimpleNamespace(
-        structure_source=fast, config=config, backbone=SimpleNamespace(patch_size=8)
+        structure_source=fast,
+        config=config,
+        backbone=SimpleNamespace(patch_size=8),
+        device=torch.device("cpu"),
+        precision=torch.float32,
     )
     report = structure_comparison(rt, block_images(2, 64, 64))
+    assert report["precision"] == "fp32"
     assert 0.0 < report["upscaled_share"] < 1.0  # the IoU filter dropped some prompts, not all
     assert fast.generator.prompts_decoded == 2 * SETTINGS.points_per_side**2
     assert report["every_prompt_s_per_image"] > 0

@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from segment_anything import sam_model_registry
 
 from ucad.config import Config
+from ucad.device import resolve_device, resolve_precision
 from ucad.pipeline import Runtime
 from ucad.sam_structure import config_settings
 from ucad.structure import (
@@ -40,25 +42,30 @@ def structure_choice(config: Config, choice: str) -> tuple[Config, BatchedSamStr
     if _sam_weights(config) is not None:
         return config, None, f"SAM {config.sam_model}"
     model = sam_model_registry[config.sam_model](checkpoint=None)
-    source = BatchedSamStructure(model, _device(config), config_settings(config))
+    # at the precision the pipeline would run SAM in (`Runtime.structure_source`)
+    device = resolve_device(config.device)
+    settings = config_settings(config, resolve_precision(config.precision, device))
+    source = BatchedSamStructure(model, device, settings)
     return config, source, f"SAM {config.sam_model}, random weights: timing only"
 
 
 def structure_comparison(rt: Runtime, images: np.ndarray) -> dict[str, Any] | None:
     """The structure source against segment-anything's own generator on the same model and
-    images (`structure.*` figures); None when the run times superpixels."""
+    images (`structure.*` figures), both at the run's precision (the generator runs only its
+    image encoder in it); None when the run times superpixels."""
     fast = rt.structure_source
     if not isinstance(fast, BatchedSamStructure):
         return None
-    settings = config_settings(rt.config)
-    reference = SamStructure(fast.model, _device(rt.config), settings)
+    settings = config_settings(rt.config, rt.precision)
+    reference = SamStructure(fast.model, rt.device, settings)
     fast.generator.prompts_decoded = fast.generator.prompts_upscaled = 0
     figures = compare_with_reference(fast, reference, images, rt.backbone.patch_size)
     figures["upscaled_share"] = fast.generator.prompts_upscaled / fast.generator.prompts_decoded
+    figures["precision"] = "fp32" if rt.precision == torch.float32 else "bf16"
     # ucad upscales only the masks of prompts past the IoU filter, so its time depends on the
     # weights (random ones pass almost none). Timed again with the filter off, every prompt's
     # masks are upscaled, resized and scored: an upper bound for any weights.
-    every = BatchedSamStructure(fast.model, _device(rt.config), settings, pred_iou_thresh=0.0)
+    every = BatchedSamStructure(fast.model, rt.device, settings, pred_iou_thresh=0.0)
     start = time.perf_counter()
     every.label_maps(images)
     figures["every_prompt_s_per_image"] = (time.perf_counter() - start) / len(images)
@@ -75,7 +82,3 @@ def _sam_weights(config: Config) -> Path | None:
     else:
         path = default_cache_dir() / "sam" / SAM_CHECKPOINTS[config.sam_model].filename
     return path if path.is_file() else None
-
-
-def _device(config: Config) -> str | None:
-    return None if config.device == "auto" else config.device
