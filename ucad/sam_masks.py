@@ -57,8 +57,9 @@ from ucad.sam_decoder import ImageDecoder
 
 # Enters the digests of SAM structure maps (`ucad.pipeline.structure_identity`): bump it when
 # a change to the arithmetic can move a mask's edge, so stores do not mix maps of two versions.
-# 2: the regrouped decoder of `ucad.sam_decoder`.
-SAM_GENERATOR_VERSION = "2"
+# 2: the regrouped decoder of `ucad.sam_decoder`. 3: one image per encoder pass on a CPU (was
+# four; products may round differently for another batch).
+SAM_GENERATOR_VERSION = "3"
 
 # Prompts decoded together on a CPU: each carries its own copy of the image side (4 MB at SAM's
 # 64x64x256), and a few copies stay in cache. 4 per pass decoded 1.6x faster per prompt than 64
