@@ -173,7 +173,7 @@ def _structure_lines(report: dict[str, Any]) -> str:
         lines = ["structure maps: superpixels timed (--structure sam compares SAM sources)"]
     else:
         lines = [
-            f"SAM structure maps ({structure.get('precision', 'fp32')}), s per image: "
+            f"SAM structure maps ({structure['precision']}), s per image: "
             "segment-anything generator "
             f"{structure['reference_s_per_image']:.2f}, ucad {structure['s_per_image']:.2f} "
             f"({structure['speedup']:.2f}x); agreement (Rand index, patch grid) "

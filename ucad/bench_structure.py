@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from segment_anything import sam_model_registry
 
 from ucad.config import Config
-from ucad.device import resolve_device, resolve_precision
+from ucad.device import PRECISIONS, resolve_device, resolve_precision
 from ucad.pipeline import Runtime
 from ucad.sam_structure import config_settings
 from ucad.structure import (
@@ -61,7 +60,7 @@ def structure_comparison(rt: Runtime, images: np.ndarray) -> dict[str, Any] | No
     fast.generator.prompts_decoded = fast.generator.prompts_upscaled = 0
     figures = compare_with_reference(fast, reference, images, rt.backbone.patch_size)
     figures["upscaled_share"] = fast.generator.prompts_upscaled / fast.generator.prompts_decoded
-    figures["precision"] = "fp32" if rt.precision == torch.float32 else "bf16"
+    figures["precision"] = {dtype: name for name, dtype in PRECISIONS.items()}[rt.precision]
     # ucad upscales only the masks of prompts past the IoU filter, so its time depends on the
     # weights (random ones pass almost none). Timed again with the filter off, every prompt's
     # masks are upscaled, resized and scored: an upper bound for any weights.

@@ -8,7 +8,7 @@ from ucad.sampling import sample_keys
 from ucad.stages.common import BATCHED_BACKBONE_FIELDS
 from ucad.stages.features import extract_features
 
-KEYS = Stage("keys", "2", (*BATCHED_BACKBONE_FIELDS, "key_size"), runs_backbone=True)
+KEYS = Stage("keys", "2", BATCHED_BACKBONE_FIELDS + ("key_size",), runs_backbone=True)
 
 
 def run_keys(rt: Runtime, source: TaskSource) -> StageRecord:
