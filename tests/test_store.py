@@ -271,6 +271,54 @@ def test_unfinished_groups_are_never_trusted(where, tmp_path, memory_root):
     np.testing.assert_array_equal(store.get("keys", "d1").array("x"), np.arange(4.0))
 
 
+ROOT_METADATA_DAMAGE = {
+    "not JSON": b"{not json",
+    "not an object": b"[1, 2]",
+    "an array's metadata": json.dumps(
+        {"zarr_format": 3, "node_type": "array", "attributes": {"complete": True}}
+    ).encode(),
+    "another Zarr format": json.dumps(
+        {"zarr_format": 2, "node_type": "group", "attributes": {"complete": True}}
+    ).encode(),
+    "attributes not an object": json.dumps(
+        {"zarr_format": 3, "node_type": "group", "attributes": ["complete"]}
+    ).encode(),
+}
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+@pytest.mark.parametrize("damage", sorted(ROOT_METADATA_DAMAGE))
+def test_root_metadata_that_is_not_a_finished_group_reads_as_absent(
+    where, damage, tmp_path, memory_root
+):
+    """What a lookup reads is the group's zarr.json alone: anything but a Zarr 3 group with the
+    marker is an unfinished group, which the next put replaces."""
+    root = str(tmp_path / "store") if where == "local" else memory_root
+    store = ArtifactStore(root)
+    store.put("keys", "d1", {"x": np.arange(4.0)})
+    with fsspec.open(f"{root}/stages/keys/d1.zarr/zarr.json", "wb") as f:
+        f.write(ROOT_METADATA_DAMAGE[damage])
+    assert not store.has("keys", "d1") and store.artifacts() == []
+    assert store.check("keys", "d1") == ["unfinished (no completion marker)"]
+    store.put("keys", "d1", {"x": np.arange(4.0)})
+    np.testing.assert_array_equal(store.get("keys", "d1").array("x"), np.arange(4.0))
+
+
+def test_a_lookup_does_not_open_the_zarr_group(store, monkeypatch):
+    """has/get check files, sizes and attributes from the root metadata; the Zarr group is
+    opened at the first array read, once per artifact."""
+    store.put("keys", "d1", {"x": np.arange(4.0), "y": np.ones(3)}, {"task": "nut"})
+    opened = []
+    open_group = zarr.open_group
+    monkeypatch.setattr(zarr, "open_group", lambda *a, **k: opened.append(1) or open_group(*a, **k))
+    assert store.has("keys", "d1")
+    artifact = store.get("keys", "d1")
+    assert artifact.attrs["task"] == "nut" and artifact.names == ["x", "y"] and opened == []
+    np.testing.assert_array_equal(artifact.array("x"), np.arange(4.0))
+    np.testing.assert_array_equal(artifact.array("y"), np.ones(3))
+    assert artifact.shape("x") == (4,) and opened == [1]
+
+
 def test_fsspec_url_roundtrip(memory_root):
     store = ArtifactStore(memory_root)
     store.put("prompts", "d2", {"p": np.eye(3, dtype=np.float32)}, {"config": {"n": 3}})

@@ -7,7 +7,9 @@ published, so a missing, truncated or altered chunk is a `DamagedArtifactError`,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -38,7 +40,12 @@ class Artifact:
     digest: str
     path: str
     attrs: dict[str, Any]
-    group: zarr.Group = field(repr=False, compare=False)
+    open_group: Callable[[], zarr.Group] = field(repr=False, compare=False)
+
+    @cached_property
+    def group(self) -> zarr.Group:
+        """The Zarr group, opened at the first use: a lookup needs only `attrs`."""
+        return self.open_group()
 
     def describe(self) -> str:
         task = self.attrs.get("task")
@@ -47,7 +54,8 @@ class Artifact:
 
     @property
     def names(self) -> list[str]:
-        return sorted(self.group.array_keys())
+        """Its arrays, as published (each has a checksum)."""
+        return sorted(self.attrs["checksums"])
 
     @property
     def stored_bytes(self) -> int:

@@ -9,6 +9,7 @@ import platform
 import resource
 import subprocess
 import sys
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 
@@ -29,11 +30,20 @@ def library_versions(packages: tuple[str, ...] = ()) -> dict[str, str]:
         if torch.version.cuda:
             versions["cuda"] = str(torch.version.cuda)
     for name in packages:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+        version = _installed_version(name)
+        if version is not None:
+            versions[name] = version
     return versions
+
+
+@cache
+def _installed_version(name: str) -> str | None:
+    """A distribution's version, read once per process (each read parses its metadata file, about
+    a quarter of a millisecond, and every artifact the store publishes names two)."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def git_state() -> tuple[str | None, bool]:
