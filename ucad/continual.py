@@ -182,7 +182,9 @@ class Replay:
 def learn(
     request: AddTask, runner: StageRunner, pool: Executor, check_files: bool
 ) -> tuple[ModelVersion, list[StageRecord], bool]:
-    """Run the class's stages and make the version that adds it (unless it is there already).
+    """Run the class's learning stages and make the version that adds it; a class the head
+    version holds already is not learned again (a runtime field such as `inference_batch_size`
+    could otherwise compute stages the version never uses).
 
     Returns the version that holds the class (a new one is not written yet: `publish`), the
     stage records, and whether it is new.
@@ -210,10 +212,10 @@ def learn(
     if known is None and check_files:
         check_task_files(task_data, request.config)
 
-    own = learn_class(source, runner)
-    if known is not None:
+    if known is not None:  # its entry in the head stands: nothing to learn
         log.info("class %s is already in model %s version %d", task, model, head.version)
-        return head, restored + own, False
+        return head, restored, False
+    own = learn_class(source, runner)
     entry = task_entry(store, source, own)
     return next_version(model, head, entry, request.config), restored + own, True
 
