@@ -7,6 +7,7 @@ made of: which stages, floors and targets exist, and the forward passes a stream
 import contextlib
 import io
 import json
+import mmap
 import sys
 
 import numpy as np
@@ -273,8 +274,11 @@ def test_bench_rejects_bad_sizes_with_a_clear_message(capsys, flag, value, messa
 def test_meter_reports_the_peak_memory_of_the_block_only():
     meter = Meter(torch.device("cpu"))
     with meter.measure() as big:
-        block = np.ones(200 * 2**20 // 8)  # 200 MiB, touched
-        del block
+        # 200 MiB of fresh pages, each touched. Not np.ones: malloc may serve it from freed heap
+        # memory that is resident already (left by earlier tests), and the peak would not move.
+        block = mmap.mmap(-1, 200 * 2**20)
+        np.frombuffer(block, dtype=np.uint8)[:: mmap.PAGESIZE] = 1
+        block.close()
     with meter.measure() as small:
         pass
     assert big.peak_bytes - small.peak_bytes > 150 * 2**20
