@@ -35,6 +35,7 @@ from ucad.config import load_config
 from ucad.metrics import METRICS
 from ucad.pipeline import Runtime
 from ucad.stages.features import extract_features
+from ucad.stages.routing import rows_of
 from ucad.store import ArtifactStore
 
 SMOKE = {"epochs": 1, "key_size": 32, "knowledge_size": 64}
@@ -258,11 +259,13 @@ def stored_patches(store, entry: dict, scored_as: dict, rows: np.ndarray, patche
 
 
 def stored_routing(store: ArtifactStore, tasks: list[dict], j: int):
-    """The stored frozen features of class j's test set, and its stored routing among every
-    class of the version `tasks`: per image the least distance total, and the class chosen."""
+    """The stored frozen features of class j's test set, and its rows of the version's stored
+    routing (every class of `tasks`): per image the least distance total, and the class chosen."""
     (features,) = find(store, "features", test=tasks[j]["data"]["test"])
-    (routed,) = find(store, "routing", features=features.digest, keys=[t["keys"] for t in tasks])
-    return features, routed.array("best"), routed.array("selected")
+    (routed,) = find(store, "routing", keys=[t["keys"] for t in tasks])
+    assert routed.attrs["inputs"]["features"][j] == features.digest
+    rows = rows_of(routed.array("offsets"), j)
+    return features, routed.array("best")[rows], routed.array("selected")[rows]
 
 
 def stored_evaluation(store: ArtifactStore, tasks: list[dict], j: int, selected: np.ndarray):

@@ -5,8 +5,10 @@ prompts and knowledge (scores), and the class's metrics are computed from those 
 anomaly maps and the test labels and masks. The evaluation is named by what its figures are
 made of: the test set, the class each image chose and the score artifacts read. An earlier
 class none of whose images change their choice under a new version therefore keeps its figures,
-so each new version costs routing for the new class's keys (one class's distances per test set,
-ucad/stages/routing.py), not a re-evaluation of everything.
+so each new version costs routing for the new class's keys (one routing artifact for the version,
+one class's distances per earlier test set: ucad/stages/routing.py), not a re-evaluation of
+everything. The evaluations of a version's classes share its routing: the first to need it
+computes it, the others wait for it (the runtime's claim on its digest).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from ucad.metrics import from_json, json_float, task_metrics
 from ucad.pipeline import Evaluation, Runtime, Stage, StageRecord, cached, lookup
 from ucad.scoring import anomaly_maps
 from ucad.stages.features import FEATURES, run_features
-from ucad.stages.routing import ROUTING, routing_inputs, run_routing
+from ucad.stages.routing import ROUTING, rows_of, run_routing, version_routing_inputs
 from ucad.stages.scores import SCORES, run_scores
 
 EVALUATE = Stage(
@@ -89,17 +91,19 @@ def _route_and_score(
     rt: Runtime, version: ModelVersion, j: int, source: TaskSource, records: list[StageRecord]
 ) -> tuple[np.ndarray, dict[int, StageRecord]]:
     """The class each image of test set j selects, and the score artifacts that cover them."""
-    features = run_features(rt, source)
-    records.append(features)
+    records.append(run_features(rt, source))
+    sources = [task.data for task in version.tasks]
     keys = [task.keys for task in version.tasks]
     routed: dict[int, StageRecord] = {}  # classes routed among -> routing record
 
     @cache
     def route(count: int) -> np.ndarray:
-        """The class each image selects among the first `count` classes (read once)."""
+        """The class each image of test set j selects among the first `count` classes (j <
+        count), from the routing of those classes' test sets (read once)."""
         known = count
-        while known > 0 and known not in routed:  # the longest choice already in the store
-            found = lookup(rt, ROUTING, source.name, routing_inputs(features.digest, keys[:known]))
+        while known > 0 and known not in routed:  # the longest routing already in the store
+            inputs = version_routing_inputs(rt, sources[:known], keys[:known])
+            found = lookup(rt, ROUTING, sources[known - 1].name, inputs)
             if found.cached:
                 routed[known] = found
                 records.append(found)
@@ -107,9 +111,10 @@ def _route_and_score(
             known -= 1
         if count not in routed:  # built on it (or from nothing): the classes after it at once
             previous = routed[known].digest if known else None
-            routed[count] = run_routing(rt, source.name, features.digest, keys[:count], previous)
-            records.append(routed[count])
-        return rt.store.get("routing", routed[count].digest).array("selected")
+            routed[count], features = run_routing(rt, sources[:count], keys[:count], previous)
+            records.extend([*features, routed[count]])
+        artifact = rt.store.get("routing", routed[count].digest)
+        return artifact.array("selected")[rows_of(artifact.array("offsets"), j)]
 
     selected = route(len(keys))
     scored = {}

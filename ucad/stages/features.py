@@ -46,6 +46,15 @@ def extract_features(
 FEATURES = Stage("features", "2", BATCHED_BACKBONE_FIELDS, runs_backbone=True)
 
 
+def features_digest(rt: Runtime, source: TaskSource) -> str:
+    """The name of a test set's frozen features, without looking them up."""
+    return FEATURES.digest(rt, _inputs(source))
+
+
+def _inputs(source: TaskSource) -> dict[str, str]:
+    return {"test": source.test}
+
+
 def run_features(rt: Runtime, source: TaskSource) -> StageRecord:
     """Frozen features of a class's test images: computed once, read by every routing."""
 
@@ -54,4 +63,4 @@ def run_features(rt: Runtime, source: TaskSource) -> StageRecord:
         frozen = extract_features(rt.backbone, images, None, rt.config.inference_batch_size)
         return {"features": frozen.numpy()}, {}
 
-    return cached(rt, FEATURES, source.name, {"test": source.test}, compute)
+    return cached(rt, FEATURES, source.name, _inputs(source), compute)
