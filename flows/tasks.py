@@ -4,8 +4,10 @@
 Before a stage becomes a task run, the runner looks its artifacts up in the store, in the flow's
 process: a stage whose artifacts all exist is not run as a task. What a flow run found in the
 store shows once, as one task run `found-in-store-<n>` in a Completed state named "Cached" (n
-stages: a class's stages, the rows of results of earlier model versions), however long the model's
-history; every task run beside it computed something. The store is the cache: Prefect's own
+stages: a class's stages, the rows of results of earlier model versions, the evaluation of an
+earlier class whose figures a new version leaves as they were), however long the model's
+history. A task run beside it computed something, unless a concurrent one computed what it needed
+meanwhile (then it is Cached too). The store is the cache: Prefect's own
 cache and result persistence are off. Tasks take small references (the config, the store root, a
 TaskSource, digests, manifest entries) and return StageRecords; arrays stay in the store.
 
