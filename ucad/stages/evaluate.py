@@ -25,8 +25,8 @@ from ucad.manifest import ModelVersion
 from ucad.metrics import from_json, json_float, task_metrics
 from ucad.pipeline import Evaluation, Runtime, Stage, StageRecord, cached, lookup
 from ucad.scoring import anomaly_maps
-from ucad.stages.features import FEATURES, run_features
-from ucad.stages.routing import ROUTING, rows_of, run_routing, version_routing_inputs
+from ucad.stages.features import FEATURES, features_digest, run_features
+from ucad.stages.routing import ROUTING, routing_inputs, rows_of, run_routing
 from ucad.stages.scores import SCORES, run_scores
 
 EVALUATE = Stage(
@@ -93,6 +93,7 @@ def _route_and_score(
     """The class each image of test set j selects, and the score artifacts that cover them."""
     records.append(run_features(rt, source))
     sources = [task.data for task in version.tasks]
+    features = [features_digest(rt, source) for source in sources]  # names only: no lookup
     keys = [task.keys for task in version.tasks]
     routed: dict[int, StageRecord] = {}  # classes routed among -> routing record
 
@@ -102,7 +103,7 @@ def _route_and_score(
         count), from the routing of those classes' test sets (read once)."""
         known = count
         while known > 0 and known not in routed:  # the longest routing already in the store
-            inputs = version_routing_inputs(rt, sources[:known], keys[:known])
+            inputs = routing_inputs(features[:known], keys[:known])
             found = lookup(rt, ROUTING, sources[known - 1].name, inputs)
             if found.cached:
                 routed[known] = found
@@ -111,8 +112,8 @@ def _route_and_score(
             known -= 1
         if count not in routed:  # built on it (or from nothing): the classes after it at once
             previous = routed[known].digest if known else None
-            routed[count], features = run_routing(rt, sources[:count], keys[:count], previous)
-            records.extend([*features, routed[count]])
+            routed[count], made = run_routing(rt, sources[:count], keys[:count], previous)
+            records.extend([*made, routed[count]])
         artifact = rt.store.get("routing", routed[count].digest)
         return artifact.array("selected")[rows_of(artifact.array("offsets"), j)]
 

@@ -30,13 +30,6 @@ def routing_inputs(features: list[str], keys: list[str]) -> dict[str, Any]:
     return {"features": features, "keys": keys}
 
 
-def version_routing_inputs(
-    rt: Runtime, sources: list[TaskSource], keys: list[str]
-) -> dict[str, Any]:
-    """`routing_inputs` of classes with these test sets (`sources`) and keys, in order."""
-    return routing_inputs([features_digest(rt, source) for source in sources], keys)
-
-
 def rows_of(offsets: np.ndarray, j: int) -> slice:
     """Rows of class j's test set in a routing's `best` and `selected`."""
     return slice(int(offsets[j]), int(offsets[j + 1]))
@@ -59,7 +52,7 @@ def run_routing(
     """
     if len(sources) != len(keys):
         raise ValueError(f"routing needs one test set per class: {len(sources)} for {len(keys)}")
-    inputs = version_routing_inputs(rt, sources, keys)
+    inputs = routing_inputs([features_digest(rt, source) for source in sources], keys)
     before, known = None, 0  # the routing built on, read once, and how many classes it has
     if previous is not None:
         before = rt.store.get("routing", previous)
@@ -78,19 +71,18 @@ def run_routing(
             first = known if j < known else 0  # the classes this test set has no totals for
             # one class at a time, as every routing computes a class's distances
             columns = [task_distances(frozen, [k])[:, 0] for k in new_keys[first:]]
-            distances = torch.stack(columns, dim=1).numpy()
-            if j < known:
+            candidates, offset = torch.stack(columns, dim=1).numpy(), 0
+            if j < known:  # its stored least total stands in for classes 1..m
                 rows = rows_of(stored["offsets"], j)
-                candidates = np.concatenate([stored["best"][rows, None], distances], axis=1)
-            else:
-                candidates = distances
+                candidates = np.concatenate([stored["best"][rows, None], candidates], axis=1)
+                offset = known - 1
             # the first least value (a NaN first), as argmin over all the classes' distances
             pick = candidates.argmin(axis=1)
             best.append(np.take_along_axis(candidates, pick[:, None], axis=1)[:, 0])
+            chosen = pick + offset
             if j < known:
-                selected.append(np.where(pick == 0, stored["selected"][rows], pick + known - 1))
-            else:
-                selected.append(pick)
+                chosen = np.where(pick == 0, stored["selected"][rows], chosen)
+            selected.append(chosen)
         offsets = np.cumsum([0] + [len(b) for b in best])
         arrays = {
             "best": np.concatenate(best),
