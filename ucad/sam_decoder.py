@@ -13,6 +13,11 @@ are upscaled, 1,024 prompts per image. All of that is needed by nobody, because
 - an image-to-token attention has a handful of keys and values: its queries' projection folds
   into the keys the same way, and its output projection into the values (`W_o` applied to each
   value, then mixed), so no (pixels x channels) projection is formed either;
+- the final token-to-image attention runs only for the tokens read after it (the IoU token and
+  the mask tokens asked for): it treats each token on its own;
+- the softmax's 1 / sqrt(d) scales the few queries or keys, not the (prompts x heads x tokens x
+  pixels) logits; the products with what all prompts share run per head, on projections stored
+  in the layout the products read, so no per-prompt copy of them is made;
 - upscaling is two 2x2 stride-2 transposed convolutions: each is a matmul per pixel, run in the
   layout the transformer leaves (pixels, channels), and only for the prompts a caller asks for
   (those with a mask that passes the IoU filter).
@@ -75,14 +80,19 @@ class ImageDecoder:
         queries, image = tokens, self.image
         for block in transformer.layers:
             queries, image = self._block(block, queries, image, tokens)
+        masks = slice(1, decoder.num_mask_tokens) if multimask_output else slice(0, 1)
+        # After the final attention only the IoU token and the mask tokens asked for are read,
+        # and it treats each token on its own (queries over the image, a per-token norm): the
+        # others (the prompt's tokens, the unused mask tokens) are left out of it.
+        used = [0, *range(1 + masks.start, 1 + masks.stop)]
+        queries, tokens = queries[:, used], tokens[:, used]
         attended = self._tokens_to_image(
             transformer.final_attn_token_to_image, queries + tokens, image
         )
         queries = transformer.norm_final_attn(queries + attended)
 
-        masks = slice(1, decoder.num_mask_tokens) if multimask_output else slice(0, 1)
         iou_pred = decoder.iou_prediction_head(queries[:, 0])[:, masks]
-        mask_tokens = queries[:, 1 : 1 + decoder.num_mask_tokens][:, masks]
+        mask_tokens = queries[:, 1:]
         image = image.expand(len(tokens), -1, -1)
         return DecodedPrompts(image, mask_tokens, iou_pred, masks.start, self.size)
 
@@ -132,19 +142,22 @@ class ImageDecoder:
         pixels."""
         heads, width = attn.num_heads, attn.internal_dim // attn.num_heads
         prompts, tokens, channels = q.shape
-        q = _split(attn.q_proj(q), heads)  # (P, h, t, d)
+        # The softmax's 1 / sqrt(d) scales the few queries, not the (P, h, t, N) logits.
+        q = _split(attn.q_proj(q), heads) / math.sqrt(width)  # (P, h, t, d)
+        by_head = q.transpose(0, 1).reshape(heads, prompts * tokens, width)
         if image is self.image:  # shared by all prompts: projected once, as the module would
-            keys = self._once(attn.k_proj, heads, "image+pe", lambda: image[0] + self.image_pe)
-            values = self._once(attn.v_proj, heads, "image", lambda: image[0])
-            weights = torch.softmax(q @ keys.transpose(-1, -2) / math.sqrt(width), dim=-1)
-            return attn.out_proj((weights @ values).transpose(1, 2).flatten(2))
+            keys = self._once(attn.k_proj, "image+pe", heads, lambda: image[0] + self.image_pe)
+            values = self._once(attn.v_proj, "image", heads, lambda: image[0], transposed=False)
+            weights = torch.softmax(torch.bmm(by_head, keys), dim=-1)  # (h, P*t, N)
+            mixed = torch.bmm(weights, values).view(heads, prompts, tokens, width)
+            return attn.out_proj(mixed.permute(1, 2, 0, 3).flatten(2))
         # q . (W_k (x + pe) + b_k) = (W_k^T q) . x + q . (W_k pe + b_k)
-        pe_keys = self._once(attn.k_proj, heads, "pe", lambda: self.image_pe)  # (h, N, d)
-        logits = q @ pe_keys.transpose(-1, -2)  # (P, h, t, N)
+        pe_keys = self._once(attn.k_proj, "pe", heads, lambda: self.image_pe)  # (h, d, N)
+        pe_logits = torch.bmm(by_head, pe_keys).view(heads, prompts, tokens, -1)
         w_k = attn.k_proj.weight.view(heads, width, channels)
         query_dirs = torch.einsum("phtd,hdc->phtc", q, w_k).flatten(1, 2)  # (P, h*t, C)
-        logits = logits + (query_dirs @ image.transpose(1, 2)).view_as(logits)
-        weights = torch.softmax(logits / math.sqrt(width), dim=-1)
+        logits = (query_dirs @ image.transpose(1, 2)).view(prompts, heads, tokens, -1)
+        weights = torch.softmax(logits + pe_logits.transpose(0, 1), dim=-1)  # (P, h, t, N)
         # sum_n a_n (W_v x_n + b_v) = W_v (sum_n a_n x_n) + b_v, since the weights sum to one
         mixed = (weights.flatten(1, 2) @ image).view(prompts, heads, tokens, channels)
         w_v = attn.v_proj.weight.view(heads, width, channels)
@@ -156,20 +169,23 @@ class ImageDecoder:
         (P, N, C) pixels over (P, t, C) tokens; returns (P, N, C)."""
         heads, width = attn.num_heads, attn.internal_dim // attn.num_heads
         prompts, tokens, channels = k.shape
-        k = attn.k_proj(k).view(prompts, tokens, heads, width)
+        # The softmax's 1 / sqrt(d) scales the few keys, not the (P, h, t, N) logits.
+        k = attn.k_proj(k).view(prompts, tokens, heads, width) / math.sqrt(width)
         v = attn.v_proj(v).view(prompts, tokens, heads, width)
+        by_head = k.permute(2, 0, 1, 3).reshape(heads, prompts * tokens, width)
         # Logits as (P, h, t, N): the softmax over the few tokens runs along rows of pixels.
         if image is self.image:  # shared by all prompts: projected once
-            queries = self._once(attn.q_proj, heads, "image+pe", lambda: image[0] + self.image_pe)
-            logits = torch.einsum("pthd,hnd->phtn", k, queries)
+            queries = self._once(attn.q_proj, "image+pe", heads, lambda: image[0] + self.image_pe)
+            logits = torch.bmm(by_head, queries).view(heads, prompts, tokens, -1).transpose(0, 1)
         else:
             # W_q x . k = x . (W_q^T k): the keys, not the image, go through the projection
-            pe_queries = self._once(attn.q_proj, heads, "pe", lambda: self.image_pe)  # (h, N, d)
+            pe_queries = self._once(attn.q_proj, "pe", heads, lambda: self.image_pe)  # (h, d, N)
+            pe_logits = torch.bmm(by_head, pe_queries).view(heads, prompts, tokens, -1)
             w_q = attn.q_proj.weight.view(heads, width, channels)
             key_dirs = torch.einsum("pthd,hdc->phtc", k, w_q).flatten(1, 2)  # (P, h*t, C)
-            logits = torch.einsum("pthd,hnd->phtn", k, pe_queries)
-            logits = logits + (key_dirs @ image.transpose(1, 2)).view_as(logits)
-        weights = torch.softmax(logits / math.sqrt(width), dim=2).flatten(1, 2)  # (P, h*t, N)
+            logits = (key_dirs @ image.transpose(1, 2)).view(prompts, heads, tokens, -1)
+            logits = logits + pe_logits.transpose(0, 1)
+        weights = torch.softmax(logits, dim=2).flatten(1, 2)  # (P, h*t, N)
         # out_proj(concat_h a_h v_h) = sum_h a_h (W_o,h v_h) + b_o: project the few values.
         # Each head's weights sum to one, so b_o / heads added to every value adds b_o.
         w_o = attn.out_proj.weight.view(channels, heads, width)
@@ -178,12 +194,21 @@ class ImageDecoder:
         return torch.baddbmm(residual, weights.transpose(1, 2), projected.flatten(1, 2))
 
     def _once(
-        self, proj: torch.nn.Linear, heads: int, name: str, inputs: Callable[[], Tensor]
+        self,
+        proj: torch.nn.Linear,
+        name: str,
+        heads: int,
+        inputs: Callable[[], Tensor],
+        transposed: bool = True,
     ) -> Tensor:
-        """`proj(inputs())` split into `heads` (h, N, d), computed once per image."""
+        """`proj(inputs())` (N, C) split into `heads`: (h, d, N) when `transposed` (keys and
+        queries), else (h, N, d) (values); contiguous for the products that read it, and
+        computed once per image."""
         key = (id(proj), name)
         if key not in self._shared:
-            self._shared[key] = _split(proj(inputs())[None], heads)[0]
+            split = proj(inputs()).view(-1, heads, proj.out_features // heads)  # (N, h, d)
+            self._shared[key] = split.permute(1, 2, 0) if transposed else split.transpose(0, 1)
+            self._shared[key] = self._shared[key].contiguous()
         return self._shared[key]
 
 

@@ -8,7 +8,8 @@ structure sources (`ucad.sam_structure`) take too. It runs on SAM's own modules
 helpers) but:
 
 - images go through the image encoder in batches, not one by one (on a GPU; on a CPU one at a
-  time is faster, see `CPU_IMAGES_PER_PASS`);
+  time is faster, see `CPU_IMAGES_PER_PASS`), run by `ucad.sam_encoder.encode`: the encoder's
+  own function bit for bit, its attention's relative positions added in place;
 - the decoder runs as `ucad.sam_decoder.ImageDecoder`: the same modules and weights with the
   sums regrouped, so that what all prompts on an image share is computed once and no
   (pixels x channels) projection is formed per prompt (about 1.3 GMAC per prompt less); the
@@ -54,12 +55,14 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops import batched_nms
 
 from ucad.sam_decoder import ImageDecoder
+from ucad.sam_encoder import encode
 
 # Enters the digests of SAM structure maps (`ucad.pipeline.structure_identity`): bump it when
 # a change to the arithmetic can move a mask's edge, so stores do not mix maps of two versions.
 # 2: the regrouped decoder of `ucad.sam_decoder`. 3: one image per encoder pass on a CPU (was
-# four; products may round differently for another batch).
-SAM_GENERATOR_VERSION = "3"
+# four; products may round differently for another batch). 4: the decoder's final attention for
+# the tokens read only, its shared products per head (rounding may differ).
+SAM_GENERATOR_VERSION = "4"
 
 # Prompts decoded together on a CPU: each carries its own copy of the image side (4 MB at SAM's
 # 64x64x256), and a few copies stay in cache. 4 per pass decoded 1.6x faster per prompt than 64
@@ -139,7 +142,7 @@ class SamMaskGenerator:
         resized = np.stack([self.transform.apply_image(image) for image in images])
         batch = torch.as_tensor(resized, device=self.device).permute(0, 3, 1, 2).contiguous()
         with autocast_to(self.device, self.settings.autocast_dtype):
-            return self.model.image_encoder(self.model.preprocess(batch))
+            return encode(self.model.image_encoder, self.model.preprocess(batch))
 
     def _image_masks(self, embedding: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """All surviving masks of one image, after box NMS, in NMS order."""
