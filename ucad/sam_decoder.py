@@ -31,6 +31,7 @@ its `mask_logits` the upscaling and hypernetworks.
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ class ImageDecoder:
         self.image = self.image.flatten(2).transpose(1, 2).contiguous()  # (1, N, C)
         self.image_pe = prompt_encoder.get_dense_pe().flatten(2).transpose(1, 2)[0]  # (N, C)
         self._shared: dict[tuple[int, str], Tensor] = {}
+        self._lock = threading.Lock()
 
     def tokens(
         self, points: Tensor, labels: Tensor, multimask_output: bool = True
@@ -205,10 +207,11 @@ class ImageDecoder:
         queries), else (h, N, d) (values); contiguous for the products that read it, and
         computed once per image."""
         key = (id(proj), name)
-        if key not in self._shared:
-            split = proj(inputs()).view(-1, heads, proj.out_features // heads)  # (N, h, d)
-            self._shared[key] = split.permute(1, 2, 0) if transposed else split.transpose(0, 1)
-            self._shared[key] = self._shared[key].contiguous()
+        with self._lock:  # chunks of prompts may be decoded in several threads
+            if key not in self._shared:
+                split = proj(inputs()).view(-1, heads, proj.out_features // heads)  # (N, h, d)
+                self._shared[key] = split.permute(1, 2, 0) if transposed else split.transpose(0, 1)
+                self._shared[key] = self._shared[key].contiguous()
         return self._shared[key]
 
 
