@@ -12,6 +12,7 @@ from segment_anything.modeling import (
     TwoWayTransformer,
 )
 
+from ucad import sam_masks
 from ucad.config import Config
 from ucad.sam_masks import SamMaskGenerator, SamSettings, resize_matrix
 from ucad.structure import (
@@ -134,6 +135,20 @@ def test_batched_maps_equal_one_by_one(model):
     single = BatchedSamStructure(model, "cpu", SETTINGS, batch_size=1)
     assert len(np.unique(batched)) > 3
     np.testing.assert_array_equal(batched, np.stack([single.label_map(image) for image in images]))
+
+
+def test_prompt_chunks_decoded_in_threads_give_the_masks_of_one_at_a_time(model, monkeypatch):
+    images = block_images(2, 64, 64, seed=2)
+    results = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(sam_masks, "CPU_DECODE_THREADS", threads)
+        generator = SamMaskGenerator(model, SETTINGS, "cpu")
+        results[threads] = (generator.generate(images), generator.prompts_decoded)
+    (one, decoded_one), (three, decoded_three) = results[1], results[3]
+    assert decoded_one == decoded_three == 2 * SETTINGS.points_per_side**2
+    assert min(len(masks) for masks in one) >= 5  # not a comparison of empty mask sets
+    for masks_one, masks_three in zip(one, three, strict=True):
+        assert torch.equal(masks_one, masks_three)
 
 
 def test_bf16_autocast_gives_maps(model):
