@@ -3,8 +3,9 @@
 segment-anything's `Attention` adds its decomposed relative positions to the attention logits as
 `attn.view(...) + rel_h[..., None] + rel_w[..., None, :]`: two broadcast sums, each allocating and
 writing a new (heads, N, N) tensor. In a global-attention block of ViT-B at 1024 px that is
-12 x 4096 x 4096 values, twice, and it was the largest single cost of the encoder on a CPU
-(bf16, 2-vCPU AMD EPYC: 1.1 s of such a block's 1.1 s went to 0.7 s with the sums in place).
+12 x 4096 x 4096 values, twice: the largest single cost of the encoder on a CPU (bf16, 2-vCPU
+AMD EPYC: such a block took 1.1 s, 0.7 s with the sums in place; the encoder 7.4-8.6 s, 5.7-6.8
+s).
 
 `encode(encoder, images)` runs the encoder's own modules and weights through the same operations
 in the same order as `ImageEncoderViT.forward`; the only change is that both sums are made in
