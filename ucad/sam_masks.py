@@ -14,7 +14,7 @@ helpers) but:
   sums regrouped, so that what all prompts on an image share is computed once and no
   (pixels x channels) projection is formed per prompt (about 1.3 GMAC per prompt less); the
   point grid goes through it in chunks of `points_per_batch`, like the reference, or
-  `CPU_PROMPTS_PER_PASS` on a CPU;
+  `CPU_PROMPTS_PER_PASS` on a CPU, where `CPU_DECODE_THREADS` chunks are decoded at once;
 - a prompt's masks are upscaled only when one of them passes the IoU filter (the reference
   upscales all of them first; the filter does not depend on the masks);
 - the reference upsamples each 256x256 logit map to 1024x1024, crops the padding and resizes it to
@@ -72,7 +72,8 @@ CPU_PROMPTS_PER_PASS = 4
 # Chunks of prompts decoded at once on a CPU, each in its own thread (with torch's own threads
 # inside each). Most of a chunk's operations are too small for torch to spread over the cores, so
 # two chunks at a time keep both busy: tokens and upscaling of 256 prompts took 3.6-3.7 s against
-# 4.9-5.3 s one chunk at a time (ViT-B decoder, bf16, 2-vCPU AMD EPYC).
+# 4.9-5.3 s one chunk at a time, and a whole image's masks 13.0-13.1 s against 14.7-16.5 s
+# (ViT-B, bf16, 2-vCPU AMD EPYC; with every prompt upscaled the gain was within the noise).
 CPU_DECODE_THREADS = 2
 # Images through the image encoder at once on a CPU. Its global-attention blocks form a
 # 4096 x 4096 matrix per head and image: a batch only adds memory traffic on a CPU (ViT-B, 2-vCPU
