@@ -1,4 +1,5 @@
 import dataclasses
+import time
 from functools import partial
 
 import numpy as np
@@ -149,6 +150,26 @@ def test_prompt_chunks_decoded_in_threads_give_the_masks_of_one_at_a_time(model,
     assert min(len(masks) for masks in one) >= 5  # not a comparison of empty mask sets
     for masks_one, masks_three in zip(one, three, strict=True):
         assert torch.equal(masks_one, masks_three)
+
+
+def test_an_error_in_one_chunk_stops_the_image_without_running_the_rest(model, monkeypatch):
+    generator = SamMaskGenerator(model, SETTINGS, "cpu")
+    chunks = SETTINGS.points_per_side**2 // sam_masks.CPU_PROMPTS_PER_PASS
+    calls = []
+    decode = SamMaskGenerator._candidates
+
+    def failing_third(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("chunk 3 failed")
+        if len(calls) > 3:
+            time.sleep(0.05)  # chunks after the failure are slow: the rest cannot all slip in
+        return decode(self, *args)
+
+    monkeypatch.setattr(SamMaskGenerator, "_candidates", failing_third)
+    with pytest.raises(RuntimeError, match="chunk 3 failed"):
+        generator.generate(block_images(1, 64, 64))
+    assert len(calls) < chunks  # the chunks not yet started were cancelled
 
 
 def test_bf16_autocast_gives_maps(model):

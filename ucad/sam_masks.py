@@ -157,10 +157,13 @@ class SamMaskGenerator:
         chunks = self._point_chunks(size)
         if self.device.type == "cpu":
             # Chunks are independent and come back in order: the same masks as one at a time.
-            with ThreadPoolExecutor(CPU_DECODE_THREADS, thread_name_prefix="sam-decode") as pool:
+            pool = ThreadPoolExecutor(CPU_DECODE_THREADS, thread_name_prefix="sam-decode")
+            try:
                 results = list(
                     pool.map(lambda points: self._candidates(decoder, points, size), chunks)
                 )
+            finally:  # an error or an interrupt does not wait for the chunks not yet started
+                pool.shutdown(cancel_futures=True)
         else:
             results = [self._candidates(decoder, points, size) for points in chunks]
         masks = torch.cat([result[0] for result in results])
