@@ -71,7 +71,11 @@ def _alive(pid: int) -> bool:
 
 
 def _stop(process: subprocess.Popen) -> list[int]:
-    """SIGTERM the process and everything it started, SIGKILL what is left; returns the pids."""
+    """SIGTERM the process and everything it started, SIGKILL what is left; returns the pids.
+
+    The grace period is short: in the full suite the Prefect worker has stayed alive for over
+    20 s after SIGTERM (0.6 s when this module runs alone), and what the module checks is only
+    that nothing is left running."""
     pids = [process.pid, *_children(process.pid)]
     for pid in pids:
         try:
@@ -79,10 +83,10 @@ def _stop(process: subprocess.Popen) -> list[int]:
         except ProcessLookupError:
             pass
     try:
-        process.wait(timeout=20)
+        process.wait(timeout=5)
     except subprocess.TimeoutExpired:
         pass
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 2
     while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     for pid in filter(_alive, pids):
