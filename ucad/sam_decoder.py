@@ -210,8 +210,8 @@ class ImageDecoder:
         with self._lock:  # chunks of prompts may be decoded in several threads
             if key not in self._shared:
                 split = proj(inputs()).view(-1, heads, proj.out_features // heads)  # (N, h, d)
-                self._shared[key] = split.permute(1, 2, 0) if transposed else split.transpose(0, 1)
-                self._shared[key] = self._shared[key].contiguous()
+                layout = split.permute(1, 2, 0) if transposed else split.transpose(0, 1)
+                self._shared[key] = layout.contiguous()
         return self._shared[key]
 
 
