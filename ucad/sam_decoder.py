@@ -19,8 +19,9 @@ are upscaled, 1,024 prompts per image. All of that is needed by nobody, because
   pixels) logits; the products with what all prompts share run per head, on projections stored
   in the layout the products read, so no per-prompt copy of them is made;
 - upscaling is two 2x2 stride-2 transposed convolutions: each is a matmul per pixel, run in the
-  layout the transformer leaves (pixels, channels), and only for the prompts a caller asks for
-  (those with a mask that passes the IoU filter).
+  layout the transformer leaves (pixels, channels), one output row offset at a time so that the
+  masks come out in row order, and only for the prompts a caller asks for (those with a mask
+  that passes the IoU filter).
 
 The result is the decoder's own function up to float rounding (same modules, same weights,
 same nonlinearities; only sums are regrouped). `ImageDecoder(decoder, prompt_encoder, embedding)`
@@ -103,22 +104,27 @@ class ImageDecoder:
         `output_upscaling`, then each mask token's hypernetwork, as `predict_masks` does."""
         decoder = self.decoder
         up1, norm, act1, up2, act2 = decoder.output_upscaling
-        image = decoded.image[prompts]  # (p, N, C)
-        num_masks = decoded.mask_tokens.shape[1]
-        # A 2x2 stride-2 transposed convolution maps each pixel to its own 2x2 block: one
-        # matmul to (pixel, sub-position, channel); the 2-D layout is restored at the end.
-        x = _transposed_conv(image, up1)  # (p, N, 4, C1)
-        x = act1(F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps))
-        x = act2(_transposed_conv(x.flatten(1, 2), up2))  # (p, N*4, 4, C2)
-        first = decoded.first_mask
+        everyone = len(prompts) == len(decoded.image)  # no copy when every prompt is upscaled
+        image = decoded.image if everyone else decoded.image[prompts]  # (p, N, C)
+        first, num_masks = decoded.first_mask, decoded.mask_tokens.shape[1]
         mlps = decoder.output_hypernetworks_mlps[first : first + num_masks]
         tokens = decoded.mask_tokens[prompts]
         hyper = torch.stack([mlp(tokens[:, i]) for i, mlp in enumerate(mlps)], dim=1)  # (p, M, C2)
-        logits = x.flatten(1, 2) @ hyper.transpose(1, 2)  # (p, N*16, M)
-        h, w = decoded.size
-        # pixel (i, j), first sub-position (a, b), second (a2, b2) -> row 4i+2a+a2, col 4j+2b+b2
-        logits = logits.view(len(image), h, w, 2, 2, 2, 2, num_masks)
-        return logits.permute(0, 7, 1, 3, 5, 2, 4, 6).reshape(len(image), num_masks, 4 * h, 4 * w)
+        # A 2x2 stride-2 transposed convolution maps each pixel to its own 2x2 block, so both are
+        # per-pixel matmuls. Pixel (i, j) with sub-positions (a, b) and then (a2, b2) lands on row
+        # 4i + 2a + a2, column 4j + 2b + b2. Run once per row offset (a, a2), the products come
+        # out with their columns in order, (p, M, h rows, 4w columns), and are copied to every
+        # fourth row of the result in long runs. Permuting 2-element runs at the end instead took
+        # a third of the time: 62-76 ms against 40-45 ms per 4 prompts (ViT-B, bf16, one thread).
+        p, (h, w) = len(image), decoded.size
+        logits = torch.empty(p, num_masks, h, 2, 2, 4 * w, dtype=hyper.dtype, device=hyper.device)
+        for a in range(2):
+            x = _transposed_conv_row(image, up1, a)  # (p, N*2, C1): pixels (i, j, b)
+            x = act1(F.layer_norm(x, x.shape[-1:], norm.weight, norm.bias, norm.eps))
+            for a2 in range(2):
+                y = act2(_transposed_conv_row(x, up2, a2))  # (p, N*4, C2): pixels (i, j, b, b2)
+                logits[:, :, :, a, a2] = (hyper @ y.transpose(1, 2)).view(p, num_masks, h, 4 * w)
+        return logits.view(p, num_masks, 4 * h, 4 * w)
 
     def _block(
         self, block: TwoWayAttentionBlock, queries: Tensor, image: Tensor, query_pe: Tensor
@@ -220,9 +226,9 @@ def _split(x: Tensor, heads: int) -> Tensor:
     return x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
 
-def _transposed_conv(x: Tensor, conv: torch.nn.ConvTranspose2d) -> Tensor:
-    """A kernel-2 stride-2 `conv` on (B, pixels, C_in) -> (B, pixels, 4, C_out), sub-position
-    (a, b) of each pixel's 2x2 output block at index 2a+b."""
+def _transposed_conv_row(x: Tensor, conv: torch.nn.ConvTranspose2d, a: int) -> Tensor:
+    """Row `a` of a kernel-2 stride-2 `conv`'s 2x2 output blocks: (B, pixels, C_in) ->
+    (B, pixels * 2, C_out), each pixel followed by its sub-position b = 0, 1 in that row."""
     c_in, c_out = conv.weight.shape[:2]
-    weight = conv.weight.permute(0, 2, 3, 1).reshape(c_in, 4 * c_out)
-    return F.linear(x, weight.T, conv.bias.repeat(4)).view(*x.shape[:2], 4, c_out)
+    weight = conv.weight[:, :, a].permute(0, 2, 1).reshape(c_in, 2 * c_out)  # (C_in, (b, C_out))
+    return F.linear(x, weight.T, conv.bias.repeat(2)).view(x.shape[0], x.shape[1] * 2, c_out)

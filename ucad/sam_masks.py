@@ -62,8 +62,9 @@ from ucad.sam_encoder import encode
 # a change to the arithmetic can move a mask's edge, so stores do not mix maps of two versions.
 # 2: the regrouped decoder of `ucad.sam_decoder`. 3: one image per encoder pass on a CPU (was
 # four; products may round differently for another batch). 4: the decoder's final attention for
-# the tokens read only, its shared products per head (rounding may differ).
-SAM_GENERATOR_VERSION = "4"
+# the tokens read only, its shared products per head (rounding may differ). 5: upscaling one
+# output row offset at a time (float32 products may round differently).
+SAM_GENERATOR_VERSION = "5"
 
 # Prompts decoded together on a CPU: each carries its own copy of the image side (4 MB at SAM's
 # 64x64x256), and a few copies stay in cache. 4 per pass decoded 1.6x faster per prompt than 64
@@ -214,7 +215,7 @@ class SamMaskGenerator:
         with autocast_to(self.device, self.settings.autocast_dtype):
             logits = decoder.mask_logits(decoded, prompts)
         passed = keep[prompts]  # (p, 3): which of the upscaled prompts' masks passed
-        logits, iou_preds = logits.float()[passed], iou_preds[prompts][passed]
+        logits, iou_preds = logits[passed].float(), iou_preds[prompts][passed]
         logits = self._resize(logits, size)
         threshold = self.model.mask_threshold
         if self.settings.stability_score_thresh > 0.0:
