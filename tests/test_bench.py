@@ -163,6 +163,12 @@ def test_bench_runs_on_a_tiny_configuration_and_reports_every_figure(bench):
     assert steps[0]["prompted_passes"] == test_images
     assert [step["reextract_passes"] for step in steps] == [2 * test_images, 4 * test_images]
     assert all(step["learn_seconds"] > 0 and step["evaluate_seconds"] > 0 for step in steps)
+    # each step's seconds: the least over the stream's runs, each in a fresh store
+    assert report["stream"]["runs"] == 2
+    for step in steps:
+        for key in ("seconds", "learn_seconds", "evaluate_seconds"):
+            assert len(step[f"{key}_runs"]) == 2 and step[key] == min(step[f"{key}_runs"])
+    assert "seconds: each step's least over 2 runs in fresh stores" in text
 
     # the stream's classes on 1 and 2 local Dask workers: the same stages, whatever the count
     scale = report["scale_out"]

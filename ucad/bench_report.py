@@ -122,7 +122,8 @@ def _stream_table(report: dict[str, Any]) -> str:
     steps = stream["steps"]
     lines = [
         f"stream of {len(steps)} classes, backbone {stream['backbone']} (random weights; "
-        "counting passes needs no big model)",
+        "counting passes needs no big model); seconds: each step's least over "
+        f"{stream['runs']} runs in fresh stores",
         f"{'step':>4}  {'class':<10}{'learn s':>9}{'evaluate s':>12}{'frozen':>8}{'prompted':>10}"
         f"{'re-extract all':>16}",
     ]
