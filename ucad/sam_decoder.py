@@ -104,7 +104,8 @@ class ImageDecoder:
         `output_upscaling`, then each mask token's hypernetwork, as `predict_masks` does."""
         decoder = self.decoder
         up1, norm, act1, up2, act2 = decoder.output_upscaling
-        everyone = len(prompts) == len(decoded.image)  # no copy when every prompt is upscaled
+        # every prompt, in order: the image side as it is, without an indexed copy
+        everyone = torch.equal(prompts.cpu(), torch.arange(len(decoded.image)))
         image = decoded.image if everyone else decoded.image[prompts]  # (p, N, C)
         first, num_masks = decoded.first_mask, decoded.mask_tokens.shape[1]
         mlps = decoder.output_hypernetworks_mlps[first : first + num_masks]
