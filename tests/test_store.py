@@ -224,6 +224,21 @@ def test_put_get_roundtrip_with_provenance(store):
         got.array("prompts")
 
 
+def test_arrays_are_one_chunk_and_only_integers_are_compressed(store):
+    """Stages read arrays whole: one chunk each; floats barely compress and read faster raw."""
+    arrays = {
+        "features": np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32),
+        "labels": np.repeat(np.arange(3, dtype=np.int32), 4000).reshape(3, 4000),
+    }
+    store.put("features", "d1", arrays, {})
+    group = store.get("features", "d1").group
+    for name, array in arrays.items():
+        assert group[name].chunks == array.shape
+    assert group["features"].compressors == ()
+    assert group["labels"].compressors != ()
+    assert group["labels"].nbytes_stored() < arrays["labels"].nbytes
+
+
 def test_put_of_an_existing_digest_keeps_the_first(store):
     first = store.put("keys", "d1", {"x": np.ones(3)}, {"run": 1})
     again = store.put("keys", "d1", {"x": np.zeros(3)}, {"run": 2})

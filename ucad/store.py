@@ -364,6 +364,17 @@ def _write_array(group: zarr.Group, name: str, array: np.ndarray) -> None:
     chunks: Any = "auto"
     if array.nbytes <= _ONE_CHUNK_BYTES:
         chunks = tuple(max(1, size) for size in array.shape)
+    # Float arrays (features, keys, prompts, knowledge, scores) are stored uncompressed: Zstandard
+    # saved 7.5% of a test set's features and made reading them 2.6x slower (7.6 against 2.9 ms),
+    # and a stream reads every earlier test set's features at each step. Integer arrays (label
+    # maps, indices) keep Zarr's default compression, which shrinks them well.
+    compressors: Any = None if np.issubdtype(array.dtype, np.floating) else "auto"
     # Every chunk gets a key, even all-fill ones, so a group republished over an unfinished one
     # (remote copy) never keeps a stale chunk from the earlier attempt.
-    group.create_array(name, data=array, chunks=chunks, config={"write_empty_chunks": True})
+    group.create_array(
+        name,
+        data=array,
+        chunks=chunks,
+        compressors=compressors,
+        config={"write_empty_chunks": True},
+    )
