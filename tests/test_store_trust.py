@@ -104,9 +104,8 @@ CHUNK_DAMAGE = [
     (stage, damage)
     for stage in ("knowledge", "keys", "prompts", "features", "scores")
     for damage in (delete, truncate, flip)
-    # A flipped byte changes no file size: it is found when the array is read. The new class's
-    # run reads every artifact above but grain's scores, whose evaluation it finds cached;
-    # `store verify` reads everything.
+    # A flipped byte changes no file size: it is found when the array is read. `store verify`
+    # reads everything.
     if (stage, damage) != ("scores", flip)
 ]
 
@@ -123,10 +122,13 @@ def test_a_damaged_chunk_is_refused_listed_and_repaired(capsys, learned, store, 
     if stage in ("keys", "prompts", "knowledge"):  # what predict reads
         code, _, err = run(capsys, predict(store, image))
         assert code == 1 and digest in err and "ucad store verify --repair" in err, err
-    # learning a new class on a damaged store: refused, and no version is written
-    code, _, err = run(capsys, add_task(store, learned["data"], "stripes"))
-    assert code == 1 and digest in err, err
-    assert versions(store) == ["v0001.json", "v0002.json"]
+    # learning a new class on a damaged store: refused, and no version is written. The new
+    # class's run needs no score of grain: none of grain's images choose the new class, so
+    # grain keeps its evaluation from version 2's row and its scores are not looked up.
+    if stage != "scores":
+        code, _, err = run(capsys, add_task(store, learned["data"], "stripes"))
+        assert code == 1 and digest in err, err
+        assert versions(store) == ["v0001.json", "v0002.json"]
     code, out, _ = run(capsys, ["store", "verify", "--store", str(store)])
     assert code == 1 and digest in out
 
