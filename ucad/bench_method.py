@@ -76,15 +76,24 @@ def _rates(
     }
 
 
+# Timed runs of each precision figure; the fastest counts. On the 2-vCPU machine one run's bf16
+# inference speedup was 1.49x in one bench and 2.71x and 2.44x in two others of the same day.
+RATE_RUNS = 3
+
+
 def _rate(images: int, work: Callable[[], Any], device: torch.device) -> float:
-    """Images per second of `work` (one timed run)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    work()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return images / (time.perf_counter() - start)
+    """Images per second of `work`, from the fastest of `RATE_RUNS` timed runs: what the
+    work costs, not how busy the machine was meanwhile."""
+    seconds = []
+    for _ in range(RATE_RUNS):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return images / min(seconds)
 
 
 def paper_class_seconds(
