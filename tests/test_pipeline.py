@@ -23,7 +23,6 @@ from ucad.pipeline import Runtime, StageRecord
 from ucad.runners import LocalRunner, stage_name
 from ucad.stages.evaluate import run_evaluate
 from ucad.stages.routing import rows_of
-from ucad.stages.row import find_row
 from ucad.store import ArtifactStore, ModelVersionConflict
 
 SMOKE = {"epochs": 1, "key_size": 32, "knowledge_size": 64}
@@ -128,34 +127,27 @@ def test_a_step_evaluates_the_new_version_only(synth_root, tmp_path, config):
     assert len(store.artifacts("row")) == 3
 
 
-def test_an_earlier_class_keeps_its_evaluation_from_the_row_before(synth_root, tmp_path, config):
-    """Given its evaluation under the version before, a class whose images all choose as they did
-    then is that evaluation, found without looking a score up; an evaluation of another class
-    or of other choices is never taken for it. The figures are those of a full evaluation."""
+def test_an_evaluation_is_found_once_its_images_are_routed(synth_root, tmp_path, config):
+    """An evaluation is named once its images are routed, its score artifacts by name: one the
+    store has is found without looking a score up. The name is the one a full evaluation gives:
+    without the evaluation and its scores, they are computed again under the same names."""
     store = ArtifactStore(tmp_path / "store")
     for name in ("grain", "nut", "stripes"):
         AddTask("m", name, synth_root, config, store).run()
     rt = Runtime(config, store)
-    before = find_row(rt, load_version(store, "m", 2), "agnostic")
     version = load_version(store, "m", 3)
-    assert before is not None and len(before.evaluations) == 2
-    # another choice than this version's: the stored inputs name other selected classes
-    stored = store.get("evaluate", before.evaluations[0])
-    other = {**stored.attrs["inputs"], "selected": "sha256:" + "0" * 64}
-    metrics = {**stored.attrs["metrics"], "image_auroc": 0.123}
-    arrays = {name: stored.array(name) for name in stored.names}
-    store.put("evaluate", "other-choice", arrays, {"inputs": other, "metrics": metrics})
-    for j in (0, 1):
-        full = run_evaluate(rt, version, j)
-        kept = run_evaluate(rt, version, j, before=before.evaluations[j])
-        assert (kept.digest, kept.metrics) == (full.digest, full.metrics)
-        stages = {record.stage for record in kept.records}
-        # unchanged: version 2's evaluation, no score looked up; changed: evaluated in full
-        assert ("scores" in stages) == (full.digest != before.evaluations[j])
-        for wrong in (before.evaluations[1 - j], "other-choice", "never-written"):
-            again = run_evaluate(rt, version, j, before=wrong)
-            assert (again.digest, again.metrics) == (full.digest, full.metrics)
-            assert "scores" in {record.stage for record in again.records}
+    for j, task in enumerate(version.tasks):
+        found = run_evaluate(rt, version, j)
+        assert found.records[-1].cached
+        assert "scores" not in {record.stage for record in found.records}
+        store.remove("evaluate", found.digest)
+        for _, digest in store.artifacts("scores"):
+            if store.get("scores", digest).attrs["task"] == task.name:
+                store.remove("scores", digest)
+        again = run_evaluate(rt, version, j)
+        computed = {record.stage for record in again.records if not record.cached}
+        assert computed == {"scores", "evaluate"}
+        assert (again.digest, again.metrics) == (found.digest, found.metrics)
 
 
 def test_rows_are_named_by_their_routing(synth_root, tmp_path, config):

@@ -162,14 +162,12 @@ class Replay:
         records: list[StageRecord] = []
         version: ModelVersion | None = None
         unwritten: list[PendingRow] = []
-        row: Row | None = None  # the latest version's row, once it is finished
         for t, source in enumerate(sources):
             learned = learning.pop(t).result()
             records += learned
             entry = task_entry(self.store, source, learned)
             version = next_version(model, version, entry, self.config)
-            before = None if unwritten else row  # the row of the version before, if finished
-            unwritten.append(start_row(pool, runner, version, self.routing, before))
+            unwritten.append(start_row(pool, runner, version, self.routing))
             while unwritten and (t == len(sources) - 1 or unwritten[0].done()):
                 pending = unwritten.pop(0)
                 row = finish_row(runner, pending)
@@ -297,28 +295,14 @@ class PendingRow:
 
 
 def start_row(
-    pool: Executor,
-    runner: StageRunner,
-    version: ModelVersion,
-    routing: Routing,
-    before: Row | None = None,
+    pool: Executor, runner: StageRunner, version: ModelVersion, routing: Routing
 ) -> PendingRow:
-    """Look the version's row up; where the store lacks it, start evaluating each class.
-
-    `before` is the row of the version before this one (same model and routing), or None: an
-    earlier class whose images all choose as they did then keeps its evaluation from it.
-    """
+    """Look the version's row up; where the store lacks it, start evaluating each class."""
     found = runner(find_row, version, routing)
     if found is not None:
         return PendingRow(version, routing, found, [])
-    earlier = before.evaluations if before is not None else []
-    if len(earlier) != len(version.tasks) - 1:
-        earlier = []  # not the version before, or not every class of it was evaluated
-    evaluations = [
-        pool.submit(runner, run_evaluate, version, j, routing, earlier[j] if earlier else None)
-        for j in range(len(version.tasks) - 1)
-    ]
-    evaluations.append(pool.submit(runner, run_evaluate, version, len(version.tasks) - 1, routing))
+    classes = range(len(version.tasks))
+    evaluations = [pool.submit(runner, run_evaluate, version, j, routing) for j in classes]
     return PendingRow(version, routing, None, evaluations)
 
 
@@ -342,10 +326,9 @@ def finish_row(runner: StageRunner, pending: PendingRow) -> Row:
         metrics[j] = evaluation.metrics
         records += evaluation.records
         evaluated.append(evaluation.digest)
-    if len(evaluated) != len(version.tasks):
-        return Row(metrics, records)
-    records.append(runner(run_row, version, pending.routing, evaluated))
-    return Row(metrics, records, evaluated)
+    if len(evaluated) == len(version.tasks):
+        records.append(runner(run_row, version, pending.routing, evaluated))
+    return Row(metrics, records)
 
 
 def evaluate_history(
@@ -357,10 +340,7 @@ def evaluate_history(
         head if v == head.version else load_version(store, head.model, v)
         for v in range(1, head.version + 1)
     ]
-    started: list[PendingRow] = []
-    for version in versions:
-        before = started[-1].found if started else None  # the row of the version before
-        started.append(start_row(pool, runner, version, routing, before))
+    started = [start_row(pool, runner, version, routing) for version in versions]
     results = ResultsMatrix(head.version, METRICS)
     records: list[StageRecord] = []
     for pending in started:

@@ -8,9 +8,10 @@ class none of whose images change their choice under a new version therefore kee
 so each new version costs routing for the new class's keys (one routing artifact for the version,
 one class's distances per earlier test set: ucad/stages/routing.py), not a re-evaluation of
 everything. The evaluations of a version's classes share its routing: the first to need it
-computes it, the others wait for it (the runtime's claim on its digest). Such an unchanged class is
-not even looked up again stage by stage: given the evaluation of the version before (its row's),
-it is that artifact once the routing shows every image choosing as it did then.
+computes it, the others wait for it (the runtime's claim on its digest). The evaluation's name is
+known once its images are routed (every score artifact's name follows from the class and the
+routing that chose its images), so such an unchanged class is found with one lookup after its
+routing is read; its scores are neither looked up nor read.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import hashlib
 import numpy as np
 import torch
 
-from ucad.artifact import Artifact
 from ucad.config import ROUTINGS, Routing
 from ucad.manifest import ModelVersion
 from ucad.metrics import from_json, json_float, task_metrics
@@ -28,7 +28,7 @@ from ucad.pipeline import Evaluation, Runtime, Stage, StageRecord, cached, looku
 from ucad.scoring import anomaly_maps
 from ucad.stages.features import FEATURES, features_digest, run_features
 from ucad.stages.routing import ROUTING, routing_inputs, rows_of, run_routing
-from ucad.stages.scores import SCORES, run_scores
+from ucad.stages.scores import SCORES, run_scores, scores_digest
 
 EVALUATE = Stage(
     "evaluate", "2", ("image_size", "blur_sigma"), consumes=(FEATURES, ROUTING, SCORES)
@@ -37,19 +37,9 @@ ORACLE = {"routing": "oracle"}  # diagnostic routing: every image is scored with
 
 
 def run_evaluate(
-    rt: Runtime,
-    version: ModelVersion,
-    j: int,
-    routing: Routing = "agnostic",
-    before: str | None = None,
+    rt: Runtime, version: ModelVersion, j: int, routing: Routing = "agnostic"
 ) -> Evaluation:
-    """Evaluate the test set of class j of `version` with every class of that version.
-
-    `before` names the evaluate artifact of class j under the version before this one, with the
-    same routing (that version's row holds it), or is None. Where each image of j chooses the
-    class it chose then (the new class took none of them), the scores it reads and so its
-    figures are that artifact's: it is returned without looking its scores up again.
-    """
+    """Evaluate the test set of class j of `version` with every class of that version."""
     if routing not in ROUTINGS:
         raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
     source = version.tasks[j].data
@@ -57,29 +47,27 @@ def run_evaluate(
     if routing == "oracle":
         n = len(source.read("test").test)  # the file list: a cached result loads no image
         selected = np.full(n, j, dtype=np.int64)
-        routes = None
+        routes, chosen_by = None, {j: ORACLE}
     else:
         routes = _Routes(rt, version, j, records)
         selected = routes.selected(len(version.tasks))
-    chosen = "sha256:" + hashlib.sha256(selected.astype(np.int64).tobytes()).hexdigest()
-    if before is not None:
-        same = _same_evaluation(rt, before, {"test": source.test, "j": j, "routing": routing})
-        if same is not None and same.attrs["inputs"]["selected"] == chosen:
-            record = StageRecord(EVALUATE.name, source.name, before, cached=True, seconds=0.0)
-            return Evaluation(from_json(same.attrs["metrics"]), [*records, record])
-    if routes is None:
-        record = run_scores(rt, source, version.tasks[j], np.arange(len(selected)), ORACLE)
-        records.append(record)
-        scored = {j: record}
-    else:
-        scored = routes.scores(selected)
+        chosen_by = {t: routes.chosen_by(t) for t in np.unique(selected).tolist()}
+    names = {t: scores_digest(rt, source, version.tasks[t], by) for t, by in chosen_by.items()}
     inputs = {
         "test": source.test,
         "j": j,
         "routing": routing,
-        "selected": chosen,
-        "scores": [[t, record.digest] for t, record in sorted(scored.items())],
+        "selected": "sha256:" + hashlib.sha256(selected.astype(np.int64).tobytes()).hexdigest(),
+        "scores": [[t, names[t]] for t in sorted(names)],
     }
+    found = lookup(rt, EVALUATE, source.name, inputs)
+    if found.cached:  # an earlier class whose images all chose as before: nothing to score
+        return Evaluation(_metrics(rt, found.digest), [*records, found])
+    scored: dict[int, StageRecord] = {}
+    for t, by in chosen_by.items():
+        index = np.arange(len(selected)) if routes is None else routes.chose(t)
+        scored[t] = run_scores(rt, source, version.tasks[t], index, by)
+        records.append(scored[t])
 
     def compute():
         test = rt.test_set(source)
@@ -100,19 +88,11 @@ def run_evaluate(
         return arrays, {"metrics": {k: json_float(v) for k, v in metrics.items()}}
 
     record = cached(rt, EVALUATE, source.name, inputs, compute)
-    metrics = from_json(rt.store.get("evaluate", record.digest).attrs["metrics"])
-    return Evaluation(metrics, [*records, record])
+    return Evaluation(_metrics(rt, record.digest), [*records, record])
 
 
-def _same_evaluation(rt: Runtime, digest: str, wanted: dict[str, object]) -> Artifact | None:
-    """The evaluate artifact `digest` when the store has it and it evaluated the same test set
-    as class j with the same routing (`wanted`), else None (it is then evaluated in full)."""
-    try:
-        artifact = rt.store.get(EVALUATE.name, digest)
-    except FileNotFoundError:  # moved aside or deleted since its row was written
-        return None
-    inputs = artifact.attrs["inputs"]
-    return artifact if all(inputs.get(name) == value for name, value in wanted.items()) else None
+def _metrics(rt: Runtime, digest: str) -> dict[str, float]:
+    return from_json(rt.store.get(EVALUATE.name, digest).attrs["metrics"])
 
 
 class _Routes:
@@ -150,17 +130,15 @@ class _Routes:
         self.chosen[count] = artifact.array("selected")[rows_of(artifact.array("offsets"), self.j)]
         return self.chosen[count]
 
-    def scores(self, selected: np.ndarray) -> dict[int, StageRecord]:
-        """The score artifacts that cover test set j's images as `selected` routes them."""
-        scored = {}
-        for t in np.unique(selected).tolist():
-            # Scores under class t are computed once, at the first version holding both j and
-            # t: every later class can only take images away from t, never add any.
-            first = max(self.j, t) + 1
-            index = np.flatnonzero(self.selected(first) == t)
-            chosen_by = {"routing": "agnostic", "routing_among": self.routed[first].digest}
-            source = self.sources[self.j]
-            record = run_scores(self.rt, source, self.version.tasks[t], index, chosen_by)
-            self.records.append(record)
-            scored[t] = record
-        return scored
+    def chosen_by(self, t: int) -> dict[str, str]:
+        """What chose the images of test set j that class t scores: the routing among the first
+        max(j, t) + 1 classes, by name (no lookup). Scores under class t are computed once, at
+        the first version holding both j and t: every later class can only take images away
+        from t, never add any."""
+        among = max(self.j, t) + 1
+        inputs = routing_inputs(self.features[:among], self.keys[:among])
+        return {"routing": "agnostic", "routing_among": ROUTING.digest(self.rt, inputs)}
+
+    def chose(self, t: int) -> np.ndarray:
+        """The images of test set j that class t scores (`chosen_by`), in order."""
+        return np.flatnonzero(self.selected(max(self.j, t) + 1) == t)

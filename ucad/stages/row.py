@@ -28,12 +28,10 @@ ROW = Stage("row", "1", consumes=(EVALUATE,))
 @dataclass(frozen=True)
 class Row:
     """Row v-1 of the results matrix: class j -> its metrics under version v (a class that could
-    not be evaluated is absent), the stages that made or found them, and each class's evaluate
-    artifact in class order (empty unless every class was evaluated)."""
+    not be evaluated is absent), and the stages that made or found them."""
 
     metrics: dict[int, dict[str, float]]
     records: list[StageRecord] = field(default_factory=list)
-    evaluations: list[str] = field(default_factory=list)
 
 
 def row_inputs(version: ModelVersion, routing: Routing) -> dict[str, Any]:
@@ -50,9 +48,8 @@ def find_row(rt: Runtime, version: ModelVersion, routing: Routing) -> Row | None
     record = lookup(rt, ROW, version.tasks[-1].name, row_inputs(version, routing))
     if not record.cached:
         return None
-    stored = rt.store.get(ROW.name, record.digest).attrs
-    metrics = {j: from_json(metrics) for j, metrics in enumerate(stored["metrics"])}
-    return Row(metrics, [record], list(stored["evaluations"]))
+    stored = rt.store.get(ROW.name, record.digest).attrs["metrics"]
+    return Row({j: from_json(metrics) for j, metrics in enumerate(stored)}, [record])
 
 
 def run_row(

@@ -49,10 +49,21 @@ def run_scores(
         arrays = {"index": index.astype(np.int64), "patch": patch.numpy(), "image": image.numpy()}
         return arrays, {"scored_as": task.name}
 
-    inputs = {
+    return cached(rt, SCORES, source.name, _inputs(source, task, routing_inputs), compute)
+
+
+def scores_digest(
+    rt: Runtime, source: TaskSource, task: TaskEntry, routing_inputs: dict[str, Any]
+) -> str:
+    """The name of `run_scores`' artifact for these arguments, without looking it up: which
+    images it covers follows from what chose them (`routing_inputs`)."""
+    return SCORES.digest(rt, _inputs(source, task, routing_inputs))
+
+
+def _inputs(source: TaskSource, task: TaskEntry, routing_inputs: dict[str, Any]) -> dict[str, Any]:
+    return {
         "test": source.test,
         "prompts": task.prompts,
         "knowledge": task.knowledge,
         **routing_inputs,
     }
-    return cached(rt, SCORES, source.name, inputs, compute)
