@@ -17,6 +17,7 @@ routing is read; its scores are neither looked up nor read.
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import numpy as np
 import torch
@@ -100,7 +101,7 @@ class _Routes:
     the routing artifacts of those classes' test sets; each read once."""
 
     def __init__(self, rt: Runtime, version: ModelVersion, j: int, records: list[StageRecord]):
-        self.rt, self.version, self.j, self.records = rt, version, j, records
+        self.rt, self.j, self.records = rt, j, records
         self.sources = [task.data for task in version.tasks]
         self.features = [features_digest(rt, s) for s in self.sources]  # names only: no lookup
         self.keys = [task.keys for task in version.tasks]
@@ -115,8 +116,7 @@ class _Routes:
             return self.chosen[count]
         rt, sources, known = self.rt, self.sources, count
         while known > 0 and known not in self.routed:  # the longest routing already stored
-            inputs = routing_inputs(self.features[:known], self.keys[:known])
-            found = lookup(rt, ROUTING, sources[known - 1].name, inputs)
+            found = lookup(rt, ROUTING, sources[known - 1].name, self._inputs(known))
             if found.cached:
                 self.routed[known] = found
                 self.records.append(found)
@@ -135,9 +135,12 @@ class _Routes:
         max(j, t) + 1 classes, by name (no lookup). Scores under class t are computed once, at
         the first version holding both j and t: every later class can only take images away
         from t, never add any."""
-        among = max(self.j, t) + 1
-        inputs = routing_inputs(self.features[:among], self.keys[:among])
-        return {"routing": "agnostic", "routing_among": ROUTING.digest(self.rt, inputs)}
+        among = self._inputs(max(self.j, t) + 1)
+        return {"routing": "agnostic", "routing_among": ROUTING.digest(self.rt, among)}
+
+    def _inputs(self, count: int) -> dict[str, Any]:
+        """What names the routing among the first `count` classes (`run_routing`'s inputs)."""
+        return routing_inputs(self.features[:count], self.keys[:count])
 
     def chose(self, t: int) -> np.ndarray:
         """The images of test set j that class t scores (`chosen_by`), in order."""
