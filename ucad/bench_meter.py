@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ucad import __version__
+from ucad.allocator import release_freed_memory
 from ucad.provenance import peak_rss_bytes, reset_peak_rss
 from ucad.runners import StageRunner, stage_name
 
@@ -47,6 +48,7 @@ class Meter:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            release_freed_memory()  # memory kept from earlier blocks is not this block's peak
             reset_peak_rss()
         start = time.perf_counter()
         try:

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from ucad.allocator import keep_freed_memory
 from ucad.backbone import PromptedViT, backbone_identity, create_backbone, input_geometry
 from ucad.config import Config
 from ucad.data.images import Geometry, TestSet, load_images, load_test_set
@@ -137,6 +138,7 @@ class Runtime:
 
     `claim(name)` is held while a stage computes an artifact, so that workers of one cluster asked
     for the same digest at once compute it once (ucad.cluster: a Dask lock); by default nothing.
+    Making one sets the process's allocator to keep freed memory (`ucad.allocator`).
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class Runtime:
         structure_source: StructureSource | None = None,
         claim: Claim = no_claim,
     ) -> None:
+        keep_freed_memory()  # large tensors reuse freed memory (ucad.allocator)
         self.config = config
         self.store = store
         self.claim = claim
