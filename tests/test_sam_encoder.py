@@ -6,6 +6,7 @@ import pytest
 import torch
 from segment_anything.modeling import ImageEncoderViT
 
+from ucad import sam_encoder
 from ucad.sam_encoder import encode
 
 
@@ -44,7 +45,13 @@ def random_encoder(use_rel_pos: bool, window_size: int, seed: int = 0) -> ImageE
     ],
 )
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-def test_encode_is_the_encoders_forward_bit_for_bit(use_rel_pos, window_size, dtype):
+# whole images' logits at once; 5,000 values: 5 rows of queries of a global block (50 of its 100
+# queries), 19 of a windowed block's 54 (window, head) maps at once
+@pytest.mark.parametrize("chunk", [1 << 22, 5000])
+def test_encode_is_the_encoders_forward_bit_for_bit(
+    use_rel_pos, window_size, dtype, chunk, monkeypatch
+):
+    monkeypatch.setattr(sam_encoder, "LOGITS_PER_CHUNK", chunk)
     encoder = random_encoder(use_rel_pos, window_size)
     images = torch.randn(2, 3, 160, 160)
     with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
