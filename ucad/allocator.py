@@ -4,18 +4,20 @@ glibc's malloc, by default, serves each allocation above a threshold (128 kB, ra
 blocks are freed, to at most 32 MB) from its own `mmap` and unmaps it on free, and hands free
 memory at the top of its heap back to the kernel once it exceeds twice that threshold. A tensor
 that size made and freed again and again then pays a page fault and a kernel-zeroed page for
-every 4 kB each time. SAM's image encoder makes and frees a 400 MB attention matrix in each of
-its global blocks: about a million page faults per image. Measured on a 2-vCPU AMD EPYC (ViT-B,
-bf16, one 224 px image): the encoder took 6.1-7.0 s per image (0.9-1.1 million faults), 4.6-5.5 s
-with freed memory kept (none); segment-anything's automatic mask generator 145 s (47 million
-faults; a third of the CPU time in the kernel), 83 s.
+every 4 kB each time. Measured on a 2-vCPU AMD EPYC: SAM ViT-B's image encoder (bf16, one image,
+before `ucad.sam_encoder` chunked its attention) took 6.1-7.0 s with about a million page faults,
+4.6-5.5 s with freed memory kept and none; segment-anything's automatic mask generator 145 s per
+image (47 million faults; a third of its CPU time in the kernel), 83 s; a 4-class smoke stream on
+one Dask worker 24-28 s, 20-21 s.
 
 `keep_freed_memory()` raises both thresholds to `KEEP_BYTES`, so that blocks up to that size come
-from the heap and freed ones stay in the process for the next allocation. The cost is memory: the
-process keeps up to `KEEP_BYTES` it has freed (`release_freed_memory()` gives it back). `Runtime`
-calls it, so every process that runs stages (the `ucad` command, Prefect flows, Dask workers)
-does. Only glibc has these settings: elsewhere, and with `UCAD_KEEP_FREED_MEMORY=0` in the
-environment, it changes nothing.
+from the heap and freed ones stay in the process for the next allocation. In threads other than
+the main one, glibc still maps blocks above 64 MB on their own (a thread's heap is at most that),
+so stages that run in threads keep their temporaries smaller (`ucad.sam_encoder`). The cost is
+memory: the process keeps up to `KEEP_BYTES` it has freed (`release_freed_memory()` gives it
+back). `Runtime` calls it, so every process that runs stages (the `ucad` command, Prefect flows,
+Dask workers) does. Only glibc has these settings: elsewhere, and with `UCAD_KEEP_FREED_MEMORY=0`
+in the environment, it changes nothing.
 """
 
 from __future__ import annotations
