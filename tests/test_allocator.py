@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-import resource
+import os
+import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -11,28 +13,56 @@ from ucad import allocator
 
 glibc = pytest.mark.skipif(allocator._glibc() is None, reason="glibc's malloc settings only")
 
+# In a fresh process, so that neither the test order nor this process's own settings matter:
+# page faults of filling a 64 MB block (one byte per 4 kB page), three times in a row.
+FILL_THREE_TIMES = textwrap.dedent(
+    """
+    import resource
+    from ucad.allocator import keep_freed_memory
 
-def _page_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    kept = keep_freed_memory()
+    faults = []
+    for _ in range(3):
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        block = bytearray(64 << 20)
+        block[::4096] = b"\\x01" * len(range(0, len(block), 4096))
+        del block
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+    print(kept, *faults)
+    """
+)
+PAGES = (64 << 20) // 4096
 
 
-def _faults_to_fill(size: int) -> int:
-    """Page faults to allocate `size` bytes and write a byte to each of their pages."""
-    start = _page_faults()
-    block = bytearray(size)
-    block[::4096] = b"\x01" * len(range(0, size, 4096))
-    return _page_faults() - start
+def _fill_three_times(keep: str) -> tuple[int, list[int]]:
+    run = subprocess.run(
+        [sys.executable, "-c", FILL_THREE_TIMES],
+        env={**os.environ, allocator.OPT_OUT: keep},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    kept, *faults = (int(word) for word in run.stdout.split())
+    return kept, faults
 
 
 @glibc
 def test_a_freed_block_is_reused_without_page_faults() -> None:
-    assert allocator.keep_freed_memory()
-    size = 64 << 20  # above glibc's default ceiling for keeping freed blocks (32 MB)
-    pages = size // 4096
-    assert _faults_to_fill(size) > 0  # freed when it returns
+    kept, faults = _fill_three_times("1")
+    if kept < 64 << 20:
+        pytest.skip(f"this glibc keeps blocks up to {kept} bytes only")
+    assert kept == allocator.KEEP_BYTES
+    assert faults[0] > PAGES // 2  # fresh memory the first time
     # The same memory again: no page comes fresh from the kernel (a few may, for bookkeeping).
-    assert _faults_to_fill(size) < pages // 100
-    allocator.release_freed_memory()
+    assert max(faults[1:]) < PAGES // 100
+
+
+@glibc
+def test_glibcs_defaults_map_a_block_that_size_afresh_each_time() -> None:
+    """The control of the test above: without the setting, every fill faults every page in."""
+    kept, faults = _fill_three_times("off")
+    assert kept == 0
+    assert min(faults) > PAGES // 2
 
 
 @glibc
@@ -47,13 +77,32 @@ def test_the_environment_can_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(allocator, "_glibc", lambda: Recorder())
     allocator.keep_freed_memory.cache_clear()
     try:
-        monkeypatch.setenv(allocator.OPT_OUT, "0")
-        assert not allocator.keep_freed_memory()
+        for off in ("0", "false", "OFF", " no "):
+            monkeypatch.setenv(allocator.OPT_OUT, off)
+            assert allocator.keep_freed_memory() == 0
+            allocator.keep_freed_memory.cache_clear()
         assert called == []
-        allocator.keep_freed_memory.cache_clear()
         monkeypatch.delenv(allocator.OPT_OUT)
-        assert allocator.keep_freed_memory()
+        assert allocator.keep_freed_memory() == allocator.KEEP_BYTES
         assert called == [(-3, allocator.KEEP_BYTES), (-1, allocator.KEEP_BYTES)]
+    finally:
+        allocator.keep_freed_memory.cache_clear()
+
+
+def test_a_glibc_that_refuses_1_gib_keeps_32_mib(monkeypatch: pytest.MonkeyPatch) -> None:
+    called: list[tuple[int, int]] = []
+
+    class OlderGlibc:
+        def mallopt(self, param: int, value: int) -> int:
+            called.append((param, value))
+            return 0 if param == -3 and value > 32 << 20 else 1
+
+    monkeypatch.setattr(allocator, "_glibc", lambda: OlderGlibc())
+    monkeypatch.delenv(allocator.OPT_OUT, raising=False)
+    allocator.keep_freed_memory.cache_clear()
+    try:
+        assert allocator.keep_freed_memory() == 32 << 20
+        assert called == [(-3, allocator.KEEP_BYTES), (-3, 32 << 20), (-1, 32 << 20)]
     finally:
         allocator.keep_freed_memory.cache_clear()
 
@@ -64,8 +113,32 @@ def test_without_glibc_nothing_changes(monkeypatch: pytest.MonkeyPatch) -> None:
     allocator.keep_freed_memory.cache_clear()
     try:
         assert allocator._glibc() is None
-        assert not allocator.keep_freed_memory()
+        assert allocator.keep_freed_memory() == 0
         allocator.release_freed_memory()  # a no-op, not an error
     finally:
         allocator._glibc.cache_clear()
         allocator.keep_freed_memory.cache_clear()
+
+
+def test_the_pipeline_gives_freed_memory_back_after_each_artifact_it_computes(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from ucad import pipeline
+    from ucad.config import load_config
+    from ucad.store import ArtifactStore
+
+    released: list[str] = []
+    monkeypatch.setattr(pipeline, "release_freed_memory", lambda: released.append("released"))
+    rt = pipeline.Runtime(load_config("smoke", None, {}), ArtifactStore(tmp_path / "store"))
+    stage = pipeline.Stage("probe", "1")
+
+    def compute() -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        assert released == []  # not while computing
+        return {"values": np.arange(4.0)}, {}
+
+    assert not pipeline.cached(rt, stage, "one", {}, compute).cached
+    assert released == ["released"]
+    assert pipeline.cached(rt, stage, "one", {}, compute).cached  # found: nothing to give back
+    assert released == ["released"]

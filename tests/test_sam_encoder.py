@@ -45,9 +45,9 @@ def random_encoder(use_rel_pos: bool, window_size: int, seed: int = 0) -> ImageE
     ],
 )
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
-# whole images' logits at once; 5,000 values: 5 rows of queries of a global block (50 of its 100
-# queries), 19 of a windowed block's 54 (window, head) maps at once
-@pytest.mark.parametrize("chunk", [1 << 22, 5000])
+# whole images' logits at once; 7,000 values: a global block's 10 rows of queries as 7 + 3, and a
+# windowed block's (window, head) maps 27 + 27 (4 x 4 windows) or 11 + 11 + 2 (5 x 5 windows)
+@pytest.mark.parametrize("chunk", [1 << 22, 7000])
 def test_encode_is_the_encoders_forward_bit_for_bit(
     use_rel_pos, window_size, dtype, chunk, monkeypatch
 ):

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from ucad.allocator import keep_freed_memory
+from ucad.allocator import keep_freed_memory, release_freed_memory
 from ucad.backbone import PromptedViT, backbone_identity, create_backbone, input_geometry
 from ucad.config import Config
 from ucad.data.images import Geometry, TestSet, load_images, load_test_set
@@ -313,6 +313,8 @@ def _compute(
         "code_version": stage.version,
     }
     rt.store.put(stage.name, record.digest, arrays, {**provenance, **attrs})
+    del arrays
+    release_freed_memory()  # what the computation kept for reuse does not outlive it
     seconds = time.perf_counter() - started
     log.info("%s/%s: done in %.1f s (%s)", stage.name, task, seconds, record.digest[:12])
     return replace(record, seconds=seconds)

@@ -9,9 +9,9 @@ AMD EPYC: such a block took 1.1 s, 0.7 s with the sums in place; the encoder 7.4
 s). Even in place, the logits are 400 MB per image and block in bf16, made and freed four times
 per image: glibc hands memory that size back to the kernel when it is freed, so each block paid a
 page fault per 4 kB page (about a million per image) besides the memory traffic. Formed
-`LOGITS_PER_CHUNK` values at a time (16 rows of the image's queries for one head), they stay in
-cache: the encoder took 6.2-6.3 s per image, 5.2-5.6 s chunked (ViT-B, bf16, in a worker thread
-as the pipeline runs it; page faults 1.1 million, 0.2 million).
+`LOGITS_PER_CHUNK` values at a time on a CPU (16 rows of the image's queries for one head), they
+stay in cache: the encoder took 6.2-6.3 s per image, 5.2-5.6 s chunked (ViT-B, bf16, in a worker
+thread as the pipeline runs it; page faults 1.1 million, 0.2 million).
 
 `encode(encoder, images)` runs the encoder's own modules and weights through the same operations
 in the same order as `ImageEncoderViT.forward`; the only changes are that both sums are made in
@@ -19,8 +19,9 @@ place on the logits the product has just made, and that the products, sums and s
 chunks of whole rows of the logits. Each sum rounds as the out-of-place one does, and a chunk's
 rows are the same dot products, so the embedding is the module's own, bit for bit
 (`tests/test_sam_encoder.py`, float32 and bf16 autocast; also checked on SAM ViT-B at 1024 px).
-A float32 matrix product over very few rows (10 queries, in a test) may take another kernel and
-round differently; at SAM's 1024 px a chunk is 1,024 queries (16 rows of 64).
+The float32 matrix product picks its kernel by size, so some chunk sizes (30 queries, in a test)
+round differently; at SAM's 1024 px every chunk is 1,024 queries (16 rows of 64), checked bit for
+bit on ViT-B. On a GPU the logits are formed whole, as the module forms them.
 """
 
 from __future__ import annotations
@@ -82,8 +83,10 @@ def _attention(attn: Attention, x: Tensor) -> Tensor:
     q = q * attn.scale
     # Whole rows of the image's queries per chunk, and whole (image, head) maps once a chunk
     # holds all of a map's rows.
-    rows = max(1, min(height, LOGITS_PER_CHUNK // (width * pixels)))
-    maps = max(1, LOGITS_PER_CHUNK // (pixels * pixels)) if rows == height else 1
+    # Chunks on a CPU only: a GPU has no page faults to avoid and would launch more kernels.
+    per_chunk = LOGITS_PER_CHUNK if x.device.type == "cpu" else batch * heads * pixels * pixels
+    rows = max(1, min(height, per_chunk // (width * pixels)))
+    maps = max(1, per_chunk // (pixels * pixels)) if rows == height else 1
     out: Tensor | None = None
     for m in range(0, batch * heads, maps):
         maps_m = slice(m, m + maps)
