@@ -31,7 +31,6 @@ FILL_THREE_TIMES = textwrap.dedent(
     print(kept, *faults)
     """
 )
-PAGES = (64 << 20) // 4096
 
 
 def _fill_three_times(keep: str) -> tuple[int, list[int]]:
@@ -52,9 +51,9 @@ def test_a_freed_block_is_reused_without_page_faults() -> None:
     if kept < 64 << 20:
         pytest.skip(f"this glibc keeps blocks up to {kept} bytes only")
     assert kept == allocator.KEEP_BYTES
-    assert faults[0] > PAGES // 2  # fresh memory the first time
+    assert faults[0] > 0  # fresh memory the first time (one fault per page, or per huge page)
     # The same memory again: no page comes fresh from the kernel (a few may, for bookkeeping).
-    assert max(faults[1:]) < PAGES // 100
+    assert max(faults[1:]) < max(faults[0] // 10, 8)
 
 
 @glibc
@@ -62,7 +61,8 @@ def test_glibcs_defaults_map_a_block_that_size_afresh_each_time() -> None:
     """The control of the test above: without the setting, every fill faults every page in."""
     kept, faults = _fill_three_times("off")
     assert kept == 0
-    assert min(faults) > PAGES // 2
+    assert faults[0] > 0
+    assert min(faults) > max(faults) // 2  # each fill faults its pages in again
 
 
 @glibc
