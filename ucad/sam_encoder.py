@@ -82,8 +82,8 @@ def _attention(attn: Attention, x: Tensor) -> Tensor:
         rel_w = torch.einsum("bhwc,wkc->bhwk", grid_q, get_rel_pos(width, width, attn.rel_pos_w))
     q = q * attn.scale
     # Whole rows of the image's queries per chunk, and whole (image, head) maps once a chunk
-    # holds all of a map's rows.
-    # Chunks on a CPU only: a GPU has no page faults to avoid and would launch more kernels.
+    # holds all of a map's rows; on a CPU only (a GPU has no page faults to avoid, and would
+    # launch more kernels).
     per_chunk = LOGITS_PER_CHUNK if x.device.type == "cpu" else batch * heads * pixels * pixels
     rows = max(1, min(height, per_chunk // (width * pixels)))
     maps = max(1, per_chunk // (pixels * pixels)) if rows == height else 1
