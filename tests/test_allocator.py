@@ -74,17 +74,23 @@ def test_the_environment_can_opt_out(monkeypatch: pytest.MonkeyPatch) -> None:
             called.append((param, value))
             return 1
 
+        def malloc_trim(self, pad: int) -> int:
+            called.append(("trim", pad))
+            return 1
+
     monkeypatch.setattr(allocator, "_glibc", lambda: Recorder())
     allocator.keep_freed_memory.cache_clear()
     try:
         for off in ("0", "false", "OFF", " no "):
             monkeypatch.setenv(allocator.OPT_OUT, off)
             assert allocator.keep_freed_memory() == 0
+            allocator.release_freed_memory()
             allocator.keep_freed_memory.cache_clear()
-        assert called == []
+        assert called == []  # opted out, glibc's settings are left alone, trims included
         monkeypatch.delenv(allocator.OPT_OUT)
         assert allocator.keep_freed_memory() == allocator.KEEP_BYTES
-        assert called == [(-3, allocator.KEEP_BYTES), (-1, allocator.KEEP_BYTES)]
+        allocator.release_freed_memory()
+        assert called == [(-3, allocator.KEEP_BYTES), (-1, allocator.KEEP_BYTES), ("trim", 0)]
     finally:
         allocator.keep_freed_memory.cache_clear()
 

@@ -70,7 +70,7 @@ def keep_freed_memory() -> int:
     Returns the size up to which blocks now come from the heap and are kept (`KEEP_BYTES`, or
     32 MiB where glibc refuses more); 0 when nothing changed (not glibc, or opted out)."""
     libc = _glibc()
-    if libc is None or os.environ.get(OPT_OUT, "").strip().lower() in _OFF:
+    if libc is None or _opted_out():
         return 0
     # mallopt returns 1 on success. Setting either threshold turns off glibc's own adjustment
     # of both, so both are set.
@@ -83,7 +83,12 @@ def keep_freed_memory() -> int:
 
 
 def release_freed_memory() -> None:
-    """Give the memory the process has freed back to the kernel (glibc's malloc_trim)."""
+    """Give the memory the process has freed back to the kernel (glibc's malloc_trim); opted
+    out, nothing (glibc's defaults trim by themselves)."""
     libc = _glibc()
-    if libc is not None:
+    if libc is not None and not _opted_out():
         libc.malloc_trim(0)
+
+
+def _opted_out() -> bool:
+    return os.environ.get(OPT_OUT, "").strip().lower() in _OFF
