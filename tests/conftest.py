@@ -1,4 +1,5 @@
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,10 @@ def pytest_configure(config: pytest.Config) -> None:
     if workers > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         threads = str(max(1, (cores or 1) // workers))
-        os.environ["OMP_NUM_THREADS"] = threads  # read by processes the tests start
-        import torch
-
-        torch.set_num_threads(int(threads))
+        # torch reads it when first imported, as do the processes the tests start
+        os.environ["OMP_NUM_THREADS"] = threads
+        if "torch" in sys.modules:  # imported already (by a plugin): set its pool too
+            sys.modules["torch"].set_num_threads(int(threads))
 
 
 @pytest.fixture(scope="session")
