@@ -152,6 +152,20 @@ def test_prompt_chunks_decoded_in_threads_give_the_masks_of_one_at_a_time(model,
         assert torch.equal(masks_one, masks_three)
 
 
+def test_prompts_per_pass_change_no_mask(model, monkeypatch):
+    """How many prompts are decoded together is a speed setting: the masks are the same bit for
+    bit (uneven chunks included), so it is not in the maps' digests."""
+    images = block_images(2, 64, 64, seed=3)
+    results = []
+    for per_pass in (1, 3, sam_masks.CPU_PROMPTS_PER_PASS, SETTINGS.points_per_batch):
+        monkeypatch.setattr(sam_masks, "CPU_PROMPTS_PER_PASS", per_pass)
+        results.append(SamMaskGenerator(model, SETTINGS, "cpu").generate(images))
+    assert min(len(masks) for masks in results[0]) >= 5  # not a comparison of empty mask sets
+    for other in results[1:]:
+        for expected, masks in zip(results[0], other, strict=True):
+            assert torch.equal(masks, expected)
+
+
 def test_an_error_in_one_chunk_stops_the_image_without_running_the_rest(model, monkeypatch):
     generator = SamMaskGenerator(model, SETTINGS, "cpu")
     chunks = SETTINGS.points_per_side**2 // sam_masks.CPU_PROMPTS_PER_PASS
