@@ -9,7 +9,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (`-n`, set in pyproject.toml), each worker gets its share of the cores:
     torch in every worker, and the processes tests start (Dask workers, Prefect flow runs), would
     otherwise each run one thread per core. On the 2-vCPU CI machine, 2 workers at 2 threads each
-    took 8.9 min against 6.7-8.2 min at 1 thread each (10.9 min without xdist)."""
+    took 8.9 min against 6.7-8.6 min at 1 thread each (10.9 min without xdist)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
     if workers > 1:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
