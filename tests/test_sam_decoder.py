@@ -60,6 +60,7 @@ def test_image_decoder_gives_the_mask_decoders_outputs(dim, grid, heads, depth, 
         masks = image_decoder.mask_logits(decoded, prompts)
         reordered = torch.arange(7).flip(0)  # every prompt, out of order
         all_masks = image_decoder.mask_logits(decoded, reordered)
+        none = image_decoder.mask_logits(decoded, torch.arange(0))  # no mask passed a filter
         again = image_decoder.tokens(points[:2], labels[:2], multimask_output=multimask)
     assert decoded.iou_pred.shape == expected_iou.shape
     torch.testing.assert_close(decoded.iou_pred, expected_iou, rtol=1e-4, atol=1e-5)
@@ -68,6 +69,7 @@ def test_image_decoder_gives_the_mask_decoders_outputs(dim, grid, heads, depth, 
     assert scale > 0.1  # not a vacuous comparison of near-zero maps
     torch.testing.assert_close(masks, expected_masks[prompts], rtol=1e-4, atol=1e-5 * scale)
     torch.testing.assert_close(all_masks, expected_masks[reordered], rtol=1e-4, atol=1e-5 * scale)
+    assert none.shape == (0, *expected_masks.shape[1:])
     # shared image-side projections are cached per image; a second call reuses them
     torch.testing.assert_close(again.iou_pred, expected_iou[:2], rtol=1e-4, atol=1e-5)
 
