@@ -112,3 +112,17 @@ def test_refuses_non_empty_output(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         generate(tmp_path, classes=1)
     assert (tmp_path / "old.txt").read_text() == "keep me"
+
+
+def test_rerun_with_the_same_settings_is_a_no_op(tmp_path):
+    out = tmp_path / "data"
+    names = generate(out, classes=1, train=2, test_good=1, test_defect=1, size=64)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert generate(out, classes=1, train=2, test_good=1, test_defect=1, size=64) == names
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    # other settings, or a dataset never finished (no dataset.json), are refused
+    with pytest.raises(ValueError, match="not empty"):
+        generate(out, classes=1, train=2, test_good=1, test_defect=1, size=64, seed=1)
+    (out / "dataset.json").unlink()
+    with pytest.raises(ValueError, match="not empty"):
+        generate(out, classes=1, train=2, test_good=1, test_defect=1, size=64)

@@ -86,8 +86,9 @@ def generate(
 ) -> list[str]:
     """Write a synthetic MVTec AD layout dataset under ``out``; returns the class names.
 
-    ``out`` must be missing or empty, so no stale class from an earlier run can mix in.
-    A ``dataset.json`` next to the classes records how the data was made.
+    ``out`` must be missing or empty, so no stale class from an earlier run can mix in, or hold
+    the dataset these arguments make (then nothing is written: a rerun is a no-op). A
+    ``dataset.json`` next to the classes, written last, records how the data was made.
     """
     out = Path(out)
     counts = {"train": train, "test_good": test_good, "test_defect": test_defect}
@@ -98,15 +99,8 @@ def generate(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     if size < 64:
         raise ValueError(f"size must be at least 64 px, got {size}")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out}: output folder exists and is not empty")
-    out.mkdir(parents=True, exist_ok=True)
     names = [class_name(i) for i in range(classes)]
-    # Threads: PNG encoding and large numpy operations release the GIL.
-    with ThreadPoolExecutor(max_workers=min(classes, os.cpu_count() or 1)) as pool:
-        written = pool.map(lambda i: _write_class(out, seed, i, counts, size), range(classes))
-        defects = dict(zip(names, written, strict=True))
-    provenance = {
+    settings = {
         "generator": "ucad.data.synth",
         "ucad_version": __version__,
         "layout": LAYOUT,
@@ -114,7 +108,28 @@ def generate(
         "size": size,
         "counts": counts,
         "classes": names,
-        "defects": defects,
     }
-    (out / "dataset.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if _made_with(out, settings):  # the same dataset, complete: nothing to write
+            return names
+        raise ValueError(
+            f"{out}: output folder exists and is not empty (and is not a synthetic dataset "
+            "made with these settings by this ucad version)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    # Threads: PNG encoding and large numpy operations release the GIL.
+    with ThreadPoolExecutor(max_workers=min(classes, os.cpu_count() or 1)) as pool:
+        written = pool.map(lambda i: _write_class(out, seed, i, counts, size), range(classes))
+        defects = dict(zip(names, written, strict=True))
+    # written last: it marks a finished dataset
+    (out / "dataset.json").write_text(json.dumps({**settings, "defects": defects}, indent=2) + "\n")
     return names
+
+
+def _made_with(out: Path, settings: dict) -> bool:
+    """Whether `out` holds a finished synthetic dataset made with `settings`."""
+    try:
+        made = json.loads((out / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(made, dict) and {key: made.get(key) for key in settings} == settings
