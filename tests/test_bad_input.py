@@ -158,6 +158,20 @@ def test_broken_image_stops_predict(capsys, store, data, kind):
     assert str(broken) in err and DAMAGE[kind] in err
 
 
+def test_broken_image_leaves_the_heat_maps_of_the_last_good_run(capsys, store, data, tmp_path):
+    """Maps are named only when every image was scored: a run that stops on a broken image
+    leaves neither a partial set nor temporaries, and the maps of an earlier run unchanged."""
+    out = tmp_path / "maps"
+    assert main([*predict(store, data / "grain" / "test"), "--out", str(out)]) == 0
+    earlier = snapshot(out)
+    assert len(earlier) > 4
+    images = sorted(p for p in (data / "grain" / "test").rglob("*.png"))
+    damage(images[-1], "truncated")  # the last image: the maps of the others are written first
+    args = [*predict(store, data / "grain" / "test"), "--out", str(out)]
+    assert str(images[-1]) in refused(capsys, store, *args)
+    assert snapshot(out) == earlier
+
+
 def test_mask_of_another_size_is_refused(capsys, store, data):
     mask = first(data / "grain" / "ground_truth" / "crack")
     Image.open(mask).resize((100, 80)).save(mask)
@@ -321,6 +335,23 @@ def test_bad_threshold_override_is_refused(capsys, store, data, override, messag
     assert message in refused(capsys, store, *args)
 
 
+@pytest.mark.parametrize(
+    ("field", "extra", "message"),
+    [
+        ("sam_checkpoint", ["--set", "structure=sam"], "SAM checkpoint not found (sam_checkpoint)"),
+        (
+            "weights_file",
+            ["--set", "pretrained=true"],
+            "backbone weights file not found (weights_file)",
+        ),
+    ],
+)
+def test_missing_weights_file_names_the_field(capsys, store, data, tmp_path, field, extra, message):
+    missing = tmp_path / "nope.pth"
+    err = refused(capsys, store, *add_task(store, data, *extra, "--set", f"{field}={missing}"))
+    assert f"{missing}: {message}" in err
+
+
 # The store itself -----------------------------------------------------------------------------
 
 
@@ -333,6 +364,36 @@ def test_store_that_is_a_file_is_refused_by_every_command(capsys, tmp_path, data
         add_task(store, data),
     ):
         assert f"artifact store {str(store)!r} is not a folder" in refused(capsys, store, *args)
+
+
+READ_ONLY_COMMANDS = (
+    ["models"],
+    ["models", "rm", "m"],
+    ["store", "verify"],
+    ["store", "prune"],
+    ["export", "--model", "m", "--out", "exported"],
+)
+
+
+def test_missing_store_is_refused_by_commands_that_only_read(capsys, tmp_path, data):
+    """A mistyped --store is an error, not an empty store that verifies."""
+    store = tmp_path / "no-such-store"
+    commands = [[*args, "--store", str(store)] for args in READ_ONLY_COMMANDS]
+    for args in [*commands, predict(store, data / "grain" / "test")]:
+        assert "does not exist" in refused(capsys, store, *args)
+        assert not store.exists()
+
+
+def test_folder_that_is_not_a_store_is_refused_by_commands_that_only_read(capsys, data):
+    for args in [*READ_ONLY_COMMANDS, ["predict", "--model", "m", str(data)]]:
+        err = refused(capsys, data, *args, "--store", str(data))
+        assert f"{str(data)!r} is not an artifact store" in err
+
+
+def test_empty_folder_is_an_empty_store(capsys, tmp_path):
+    assert main(["models", "--store", str(tmp_path)]) == 0
+    assert main(["store", "verify", "--store", str(tmp_path)]) == 0
+    assert "no models in" in capsys.readouterr().out
 
 
 def test_store_url_without_a_filesystem_is_refused(capsys, tmp_path, data):

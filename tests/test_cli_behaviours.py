@@ -307,6 +307,31 @@ def test_store_from_the_environment(stream, monkeypatch, tmp_path):
     code, out = run("models")
     assert code == 0 and "plain" in out.splitlines()
     monkeypatch.setenv("UCAD_STORE", str(tmp_path / "empty"))
+    code, _ = run("models")
+    assert code == 1  # a store that does not exist is not listed as empty
+    assert not (tmp_path / "empty").exists()  # listing never creates a store
+    (tmp_path / "empty").mkdir()
     code, out = run("models")
     assert code == 0 and "plain" not in out.splitlines()
-    assert not (tmp_path / "empty").exists()  # listing never creates a store
+
+
+def test_version(capsys):
+    from ucad import __version__
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ucad {__version__}"
+
+
+def test_output_to_a_closed_pipe_stops_quietly(tmp_path):
+    """`ucad models | head -1`: the reader goes away; no error message, SIGPIPE's exit code."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "ucad.cli", "models", "--store", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    child.stdout.close()  # before the child, still importing, writes its line
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 141, err
+    assert b"error" not in err.lower(), err

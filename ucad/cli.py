@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ucad import __version__
 from ucad.cli_store import add_store_commands
 from ucad.config import PRESETS, ROUTINGS, load_config
 from ucad.data.datasets import FORMATS
@@ -70,8 +72,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def cmd_synth(args: argparse.Namespace) -> None:
     from ucad.data.synth import generate
 
+    made = (Path(args.out) / "dataset.json").exists()
     names = generate(args.out, classes=args.classes, seed=args.seed)
-    print(f"wrote {len(names)} classes to {args.out}: {', '.join(names)}")
+    verb = "already holds" if made else "wrote"
+    print(f"{args.out} {verb} {len(names)} classes: {', '.join(names)}")
 
 
 def _store(args: argparse.Namespace):
@@ -185,19 +189,19 @@ def cmd_predict(args: argparse.Namespace) -> None:
             raise ValueError("--device and --batch-size apply to --model, not --onnx")
         inspector = load_onnx_inspector(args.onnx, thresholds)
     else:
-        store = _store(args)
+        store = _store(args).require_existing()
         inspector = Inspector.load(store, args.model, thresholds, args.device, args.batch_size)
     records = []
     for record in predict_files(inspector, args.paths, args.out):
         records.append(record)
         decision = "ANOMALOUS" if record["anomalous"] else "normal"
         tqdm.write(
-            f"{decision:9}  {record['task']}  score {record['score']:.4g} "
-            f"(threshold {record['threshold']:.4g})  {record['path']}"
+            f"{decision:9}  {record['task']}  score {record['score']:#.4g} "
+            f"(threshold {record['threshold']:#.4g})  {record['path']}"
         )
     flagged = sum(record["anomalous"] for record in records)
     print(
-        f"{len(records)} images, {flagged} anomalous "
+        f"{len(records)} image{'' if len(records) == 1 else 's'}, {flagged} anomalous "
         f"(model {inspector.name} version {inspector.version})"
     )
     if args.out:
@@ -254,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"ucad {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     synth = commands.add_parser(
@@ -261,7 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("out", type=Path, help="output folder")
     synth.add_argument("--classes", type=int, default=3, help="number of classes (default 3)")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument(
+        "--seed", type=int, default=0, help="random seed of the images and defects (default 0)"
+    )
     synth.set_defaults(run=cmd_synth)
 
     add = commands.add_parser(
@@ -356,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Libraries that log INFO through handlers of their own, past the root logger's level.
 NOISY_LOGGERS = ("mlflow", "alembic", "prefect", "httpx", "distributed", "urllib3")
+# Libraries that log every step at INFO: their lines only with -v.
+CHATTY_LOGGERS = ("distributed", "onnxscript", "onnx_ir")
 
 
 def quiet_libraries() -> None:
@@ -371,10 +380,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.quiet:
         quiet_libraries()
-    elif not args.verbose:  # a cluster's start and stop, line by line, only with -v
-        logging.getLogger("distributed").setLevel(logging.WARNING)
+    elif not args.verbose:  # a cluster's start and stop, an export's graph passes: only with -v
+        for name in CHATTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         args.run(args)
+    except BrokenPipeError:  # the reader went away (`ucad models | head -1`): stop quietly
+        with contextlib.suppress(OSError, ValueError):  # no second error when Python exits
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as if stopped by SIGPIPE, like other command-line tools
     except (ValueError, OSError, RuntimeError, ImportError) as err:
         if args.debug:
             raise

@@ -15,7 +15,7 @@ class VerificationFailed(RuntimeError):
 
 
 def _store(args: argparse.Namespace) -> ArtifactStore:
-    return ArtifactStore(args.store)
+    return ArtifactStore(args.store).require_existing()
 
 
 def cmd_models(args: argparse.Namespace) -> None:

@@ -6,6 +6,7 @@ validated once at the door (unknown fields and wrong types are errors) and print
 
 from __future__ import annotations
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -88,7 +89,9 @@ class Config(BaseModel):
 
     # Run.
     seed: int = 0
-    device: str = Field(default="auto", description="auto, cpu, cuda or cuda:N")
+    device: str = Field(
+        default="auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto, cpu, cuda or cuda:N"
+    )
     precision: Literal["auto", "fp32", "bf16"] = Field(
         default="auto",
         description="What the backbone and SAM compute in. auto: bf16 on CUDA and on CPUs with "
@@ -165,7 +168,21 @@ def load_config(
         return Config(**values)
     except ValidationError as err:
         where = f" (from {file})" if file else ""
-        raise ValueError(f"invalid configuration{where}:\n{err}") from None
+        raise ValueError(f"invalid configuration{where}: {_problems(err)}") from None
+
+
+def _problems(err: ValidationError) -> str:
+    """pydantic's errors as one line each: the field, what is wrong, a likely spelling."""
+    lines = []
+    for problem in err.errors():
+        field = ".".join(str(part) for part in problem["loc"]) or "config"
+        if problem["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(field, list(Config.model_fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"unknown field {field!r}{hint}")
+        else:
+            lines.append(f"{field}: {problem['msg']} (got {problem.get('input')!r})")
+    return "; ".join(lines)
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:

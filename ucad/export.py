@@ -299,7 +299,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     from ucad.store import ArtifactStore  # here: `ucad --help` stays light
 
     folder = export_onnx(
-        ArtifactStore(args.store), args.model, args.out, args.opset, args.dynamic_batch
+        ArtifactStore(args.store).require_existing(),
+        args.model,
+        args.out,
+        args.opset,
+        args.dynamic_batch,
     )
     meta = json.loads((folder / EXPORT_FILE).read_text())
     graph = folder / meta["graph"]

@@ -298,35 +298,59 @@ def predict_files(
 ) -> Iterator[dict[str, Any]]:
     """Score the images `paths` name (see `find_images`) with a progress bar; yield one
     JSON-ready record per image. With `out`, overlay PNGs are written by background threads
-    while the next images are scored; all are on disk when the iteration ends."""
+    while the next images are scored, under temporary names: all take their names when the
+    iteration ends, none if it fails (an unreadable image), so a failed run leaves no partial
+    set of maps and earlier ones in their place."""
     files = find_images(paths, exclude=out)
     targets: list[Path | None] = heatmap_paths(files, paths, out) if out else [None] * len(files)
     results = inspector.iter_predict(files)
     workers = inspector.workers
     pending: deque[Future] = deque()
-    with (
-        ThreadPoolExecutor(max_workers=workers) as writer,
-        tqdm(total=len(files), unit="image", desc="predict", disable=None) as progress,
-    ):
-        for file, target, result in zip(files, targets, results, strict=True):
-            if target is not None:
-                pending.append(writer.submit(_write_overlay, result, target))
-                while len(pending) > 2 * workers:  # each holds a full-size image and map
-                    pending.popleft().result()
-            progress.update()
-            yield {
-                "path": str(file),
-                "task": result.task,
-                "score": result.score,
-                "threshold": result.threshold,
-                "anomalous": result.anomalous,
-                "heatmap": None if target is None else str(target),
-            }
+    written: list[tuple[Path, Path]] = []  # (temporary, target)
+    try:
+        with (
+            ThreadPoolExecutor(max_workers=workers) as writer,
+            tqdm(total=len(files), unit="image", desc="predict", disable=None) as progress,
+        ):
+            for file, target, result in zip(files, targets, results, strict=True):
+                if target is not None:
+                    temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
+                    written.append((temporary, target))
+                    pending.append(writer.submit(_write_overlay, result, temporary))
+                    while len(pending) > 2 * workers:  # each holds a full-size image and map
+                        pending.popleft().result()
+                progress.update()
+                yield {
+                    "path": str(file),
+                    "task": result.task,
+                    "score": result.score,
+                    "threshold": result.threshold,
+                    "anomalous": result.anomalous,
+                    "heatmap": None if target is None else str(target),
+                }
+            for future in pending:
+                future.result()
+    except GeneratorExit:  # the caller stopped early: the maps of the records it got are kept
+        _publish(written, pending)
+        raise
+    except BaseException:
         for future in pending:
-            future.result()
+            future.cancel()
+        for temporary, _ in written:
+            temporary.unlink(missing_ok=True)
+        raise
+    _publish(written, pending)
+
+
+def _publish(written: list[tuple[Path, Path]], pending: deque[Future]) -> None:
+    """Give the finished overlays their names."""
+    for future in pending:
+        future.result()
+    for temporary, target in written:
+        os.replace(temporary, target)
 
 
 def _write_overlay(result: Result, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     # zlib level 1: about 5x faster than the default 6, files about 15 % larger
-    result.overlay().save(target, compress_level=1)
+    result.overlay().save(target, format="PNG", compress_level=1)

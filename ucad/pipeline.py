@@ -34,7 +34,12 @@ from ucad.digests import digest, file_identity
 from ucad.sam_masks import SAM_GENERATOR_VERSION
 from ucad.sam_structure import config_settings
 from ucad.store import ArtifactStore
-from ucad.structure import SAM_CHECKPOINTS, StructureSource, make_structure_source
+from ucad.structure import (
+    SAM_CHECKPOINTS,
+    StructureSource,
+    make_structure_source,
+    resolve_sam_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +258,9 @@ def structure_identity(config: Config) -> dict[str, Any]:
     if config.structure == "superpixel":
         return {"source": "superpixel"}
     if config.sam_checkpoint is not None:
-        identity = {"sam_sha256": file_identity(config.sam_checkpoint)}
+        # the same check and message as loading it, before hashing a file that is not there
+        path = resolve_sam_checkpoint(config.sam_model, config.sam_checkpoint)
+        identity = {"sam_sha256": file_identity(path)}
     else:
         identity = {"sam_sha256": SAM_CHECKPOINTS[config.sam_model].sha256}
     if config.structure == "sam":  # ucad's generator: its arithmetic can move a mask's edge

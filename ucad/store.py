@@ -70,6 +70,7 @@ DEFAULT_ROOT = "artifacts"
 ENV_VAR = "UCAD_STORE"
 
 ROOT_METADATA = "zarr.json"
+STORE_FOLDERS = {"stages", "models", ".tmp", "damaged"}  # what a store root holds
 
 
 class StoreError(OSError):
@@ -214,6 +215,28 @@ class ArtifactStore(ModelManifests):
         self._fs.rm(temporary.path, recursive=True)
 
     # internals
+
+    def require_existing(self) -> ArtifactStore:
+        """This store, if its root exists and is a store (an empty folder is an empty store);
+        else StoreError. For commands that only read: a mistyped root is an error, not an empty
+        store."""
+        try:
+            exists = self._fs.exists(self._path)
+            entries = self._fs.ls(self._path, detail=False) if exists else []
+        except Exception as exc:  # any backend failure (credentials, network) means unusable
+            raise StoreError(f"cannot read artifact store {self.root!r}: {exc}") from exc
+        if not exists:
+            raise StoreError(
+                f"artifact store {self.root!r} does not exist (nothing was ever written there; "
+                f"check --store or ${ENV_VAR})"
+            )
+        names = {entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries}
+        if names and not names & STORE_FOLDERS:
+            raise StoreError(
+                f"{self.root!r} is not an artifact store (no stages/ or models/ folder in it; "
+                f"check --store or ${ENV_VAR})"
+            )
+        return self
 
     def _check_usable(self) -> None:
         try:

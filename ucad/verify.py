@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ucad.data.source import DataUnavailableError
-from ucad.manifest import CLASS_STAGES, ManifestError, ModelVersion, load_version
+from ucad.manifest import CLASS_STAGES, ManifestError, ModelVersion, TaskEntry, load_version
 from ucad.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -53,20 +54,37 @@ class Problem:
 
 def version_problems(store: ArtifactStore, version: ModelVersion) -> list[Problem]:
     """What is wrong with the artifacts a model version names."""
-    problems = []
+    return [
+        _artifact_problem(store, stage, digest, task, [version.ref], detail)
+        for task, stage, digest, detail in _artifact_checks(store, version)
+    ]
+
+
+def _artifact_checks(
+    store: ArtifactStore, version: ModelVersion
+) -> Iterator[tuple[TaskEntry, str, str, str]]:
+    """(class, stage, digest, what is wrong) for each problem of the artifacts `version` names."""
     for task in version.tasks:
         for stage, digest in task.digests().items():
             for detail in store.check(stage, digest, full=stage in _READ_IN_FULL):
-                problems.append(
-                    Problem(
-                        store.artifact_location(stage, digest),
-                        f"{stage} artifact of class {task.name!r} in {version.ref}: {detail}",
-                        stage,
-                        digest,
-                        _readable(task),
-                    )
-                )
-    return problems
+                yield task, stage, digest, detail
+
+
+def _artifact_problem(
+    store: ArtifactStore,
+    stage: str,
+    digest: str,
+    task: TaskEntry,
+    refs: list[str],
+    detail: str,
+) -> Problem:
+    return Problem(
+        store.artifact_location(stage, digest),
+        f"{stage} artifact of class {task.name!r} in {', '.join(refs)}: {detail}",
+        stage,
+        digest,
+        _readable(task),
+    )
 
 
 def check_version(store: ArtifactStore, version: ModelVersion) -> None:
@@ -87,6 +105,8 @@ def verify_store(store: ArtifactStore, model: str | None = None) -> list[Problem
     """Every problem in the store (or in one model and the artifacts it names)."""
     problems: list[Problem] = []
     named: set[tuple[str, str]] = set()
+    # one problem per damaged artifact, naming every version that names it
+    shared: dict[tuple[str, str, str, str], tuple[TaskEntry, list[str]]] = {}
     for name in [model] if model else store.models():
         for number in store.model_versions(name):
             try:
@@ -95,7 +115,11 @@ def verify_store(store: ArtifactStore, model: str | None = None) -> list[Problem
                 problems.append(Problem(store.model_location(name, number), str(err)))
                 continue
             named |= {(s, d) for task in version.tasks for s, d in task.digests().items()}
-            problems += [p for p in version_problems(store, version) if p not in problems]
+            for task, stage, digest, detail in _artifact_checks(store, version):
+                _, refs = shared.setdefault((stage, digest, task.name, detail), (task, []))
+                refs.append(version.ref)
+    for (stage, digest, _, detail), (task, refs) in shared.items():
+        problems.append(_artifact_problem(store, stage, digest, task, refs, detail))
     if model is None:
         seen = {(p.stage, p.digest) for p in problems}
         for stage, digest in store.artifacts():
