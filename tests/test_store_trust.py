@@ -238,6 +238,7 @@ def test_prune_removes_what_a_killed_run_left_and_keeps_a_live_writers(capsys, t
 def test_prune_unreferenced_keeps_what_a_model_needs(capsys, learned, store):
     code, out, _ = run(capsys, ["models", "rm", "m", "--store", str(store)])
     assert code == 0 and not versions(store)
+    assert not (store / "models" / "m").exists()  # no empty folder left behind
     before = ArtifactStore(store).artifacts()
     assert before
     code, out, _ = run(capsys, ["store", "prune", "--unreferenced", "--store", str(store)])

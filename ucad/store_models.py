@@ -8,6 +8,7 @@ provides the filesystem and the path helpers it uses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -144,6 +145,9 @@ class ModelManifests:
             self._fs.rm(self._version_path(name, version))
             if self.is_tracked(name, version):
                 self._fs.rm(self._tracked_path(name, version))
+        # the model's folder too, once empty (a writer adding a version meanwhile keeps it)
+        with contextlib.suppress(OSError):
+            self._fs.rmdir(self._join("models", name))
         return versions
 
     def _version_path(self, name: str, version: int) -> str:
