@@ -333,9 +333,7 @@ def predict_files(
     except GeneratorExit:  # the caller stopped early: the maps of the records it got are kept
         _publish(written, pending)
         raise
-    except BaseException:
-        for future in pending:
-            future.cancel()
+    except BaseException:  # the writers have finished: leaving the pool waited for them
         for temporary, _ in written:
             temporary.unlink(missing_ok=True)
         raise

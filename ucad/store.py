@@ -214,8 +214,6 @@ class ArtifactStore(ModelManifests):
     def remove_temporary(self, temporary: Temporary) -> None:
         self._fs.rm(temporary.path, recursive=True)
 
-    # internals
-
     def require_existing(self) -> ArtifactStore:
         """This store, if its root exists and is a store (an empty folder is an empty store);
         else StoreError. For commands that only read: a mistyped root is an error, not an empty
@@ -237,6 +235,8 @@ class ArtifactStore(ModelManifests):
                 f"check --store or ${ENV_VAR})"
             )
         return self
+
+    # internals
 
     def _check_usable(self) -> None:
         try:

@@ -61,12 +61,19 @@ def version_problems(store: ArtifactStore, version: ModelVersion) -> list[Proble
 
 
 def _artifact_checks(
-    store: ArtifactStore, version: ModelVersion
+    store: ArtifactStore,
+    version: ModelVersion,
+    checked: dict[tuple[str, str], list[str]] | None = None,
 ) -> Iterator[tuple[TaskEntry, str, str, str]]:
-    """(class, stage, digest, what is wrong) for each problem of the artifacts `version` names."""
+    """(class, stage, digest, what is wrong) for each problem of the artifacts `version` names;
+    `checked` keeps each artifact's findings, so versions naming the same one read it once."""
+    checked = {} if checked is None else checked
     for task in version.tasks:
         for stage, digest in task.digests().items():
-            for detail in store.check(stage, digest, full=stage in _READ_IN_FULL):
+            if (stage, digest) not in checked:
+                full = stage in _READ_IN_FULL
+                checked[stage, digest] = store.check(stage, digest, full=full)
+            for detail in checked[stage, digest]:
                 yield task, stage, digest, detail
 
 
@@ -107,6 +114,7 @@ def verify_store(store: ArtifactStore, model: str | None = None) -> list[Problem
     named: set[tuple[str, str]] = set()
     # one problem per damaged artifact, naming every version that names it
     shared: dict[tuple[str, str, str, str], tuple[TaskEntry, list[str]]] = {}
+    checked: dict[tuple[str, str], list[str]] = {}
     for name in [model] if model else store.models():
         for number in store.model_versions(name):
             try:
@@ -115,7 +123,7 @@ def verify_store(store: ArtifactStore, model: str | None = None) -> list[Problem
                 problems.append(Problem(store.model_location(name, number), str(err)))
                 continue
             named |= {(s, d) for task in version.tasks for s, d in task.digests().items()}
-            for task, stage, digest, detail in _artifact_checks(store, version):
+            for task, stage, digest, detail in _artifact_checks(store, version, checked):
                 _, refs = shared.setdefault((stage, digest, task.name, detail), (task, []))
                 refs.append(version.ref)
     for (stage, digest, _, detail), (task, refs) in shared.items():
