@@ -164,9 +164,38 @@ def test_malformed_command_line_is_exit_status_2_of_the_process(tmp_path):
         timeout=120,
     )
     assert child.returncode == 2, child.stderr
-    assert child.stderr.startswith("usage: ucad")
-    assert "ucad: error: unrecognized arguments: --bogus" in child.stderr
+    # the command's own usage and name, not `ucad`'s top-level ones
+    assert child.stderr.startswith("usage: ucad benchmark")
+    assert "ucad benchmark: error: unrecognized arguments: --bogus" in child.stderr
     assert child.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "set_"),
+    [
+        (["models", "-v"], {"verbose"}),
+        (["-v", "models"], {"verbose"}),
+        (["-q", "models"], {"quiet"}),  # not reset by the command's own (unset) option
+        (["store", "verify", "--debug", "-q"], {"debug", "quiet"}),
+        (["models", "rm", "x", "--verbose"], {"verbose"}),
+        (["predict", "--model", "m", "x.png", "-q"], {"quiet"}),
+        (["models"], set()),
+    ],
+)
+def test_general_options_count_before_and_after_the_command(args, set_):
+    from ucad.cli import build_parser
+
+    parsed = build_parser().parse_args(args)
+    assert {name for name in ("verbose", "quiet", "debug") if getattr(parsed, name)} == set_
+
+
+def test_unknown_option_of_a_nested_command_shows_that_command_s_usage(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["store", "verify", "--bogus"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ucad store verify")
+    assert "ucad store verify: error: unrecognized arguments: --bogus" in err
 
 
 def test_models_lists_models_versions_and_classes(stream):

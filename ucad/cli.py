@@ -75,7 +75,8 @@ def cmd_synth(args: argparse.Namespace) -> None:
     made = (Path(args.out) / "dataset.json").exists()
     names = generate(args.out, classes=args.classes, seed=args.seed)
     verb = "already holds" if made else "wrote"
-    print(f"{args.out} {verb} {len(names)} classes: {', '.join(names)}")
+    classes = "class" if len(names) == 1 else "classes"
+    print(f"{args.out} {verb} {len(names)} {classes}: {', '.join(names)}")
 
 
 def _store(args: argparse.Namespace):
@@ -251,15 +252,43 @@ def _add_store_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_general_options(parser: argparse.ArgumentParser, default: Any = False) -> None:
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="debug logging"
+    )
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="warnings and errors only"
+    )
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="show tracebacks on errors"
+    )
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """A (sub)command's parser: takes the general options after the command too
+    (`ucad predict ... -v`), and names itself in its usage when an argument is unknown."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Not set unless given here, so the same option before the command still counts.
+        _add_general_options(self, default=argparse.SUPPRESS)
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:  # argparse would leave them to `ucad`'s own usage line
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ucad", description="Unsupervised continual anomaly detection (UCAD)."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    _add_general_options(parser)
     parser.add_argument("--version", action="version", version=f"ucad {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_CommandParser
+    )
 
     synth = commands.add_parser(
         "synth", help="write a synthetic MVTec-AD-layout dataset (no download needed)"
