@@ -172,6 +172,36 @@ def test_broken_image_leaves_the_heat_maps_of_the_last_good_run(capsys, store, d
     assert snapshot(out) == earlier
 
 
+def test_predict_removes_overlays_a_killed_run_left_half_written(store, data, tmp_path):
+    """A run killed with -9 cannot clean up; the next run into the same folder removes its
+    temporaries, but not those of a run still going or of another host."""
+    import socket
+    import subprocess
+    import sys
+
+    from ucad.store_files import owner
+
+    out = tmp_path / "maps"
+    (out / "sub").mkdir(parents=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    host = socket.gethostname().replace("-", "_")
+    dead = out / "sub" / f".a.png.heatmap.png.{host}-{int(gone.stdout)}.partial"
+    alive = out / f".b.png.heatmap.png.{owner()}.partial"  # this process: still running
+    remote = out / ".c.png.heatmap.png.another_host-1.partial"
+    unrelated = out / "sub" / f".notes.txt.{host}-{int(gone.stdout)}.partial"
+    for path in (dead, alive, remote, unrelated):
+        path.write_bytes(b"half a PNG")
+    assert main([*predict(store, data / "grain" / "test"), "--out", str(out)]) == 0
+    assert not dead.exists()
+    assert alive.exists() and remote.exists() and unrelated.exists()
+    assert len(list(out.rglob("*.heatmap.png"))) > 4
+
+
 def test_mask_of_another_size_is_refused(capsys, store, data):
     mask = first(data / "grain" / "ground_truth" / "crack")
     Image.open(mask).resize((100, 80)).save(mask)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,6 +38,7 @@ from ucad.data.images import Geometry, load_image, to_rgb
 from ucad.manifest import load_version
 from ucad.model import UCAD
 from ucad.store import ArtifactStore, validate_name
+from ucad.store_files import owner, owner_alive
 
 ImageInput = str | os.PathLike | Image.Image | np.ndarray
 HEATMAP_SUFFIX = ".heatmap.png"
@@ -303,6 +305,8 @@ def predict_files(
     set of maps and earlier ones in their place."""
     files = find_images(paths, exclude=out)
     targets: list[Path | None] = heatmap_paths(files, paths, out) if out else [None] * len(files)
+    if out is not None:
+        remove_abandoned_overlays(out)
     results = inspector.iter_predict(files)
     workers = inspector.workers
     pending: deque[Future] = deque()
@@ -314,7 +318,7 @@ def predict_files(
         ):
             for file, target, result in zip(files, targets, results, strict=True):
                 if target is not None:
-                    temporary = target.with_name(f".{target.name}.{os.getpid()}.partial")
+                    temporary = target.with_name(f".{target.name}.{owner()}.partial")
                     written.append((temporary, target))
                     pending.append(writer.submit(_write_overlay, result, temporary))
                     while len(pending) > 2 * workers:  # each holds a full-size image and map
@@ -338,6 +342,26 @@ def predict_files(
             temporary.unlink(missing_ok=True)
         raise
     _publish(written, pending)
+
+
+# An overlay being written: ".<image>.heatmap.png.<host>-<pid>.partial" (`ucad.store_files.owner`).
+_PARTIAL_OVERLAY = re.compile(
+    r"^\.(?P<name>.+" + re.escape(HEATMAP_SUFFIX) + r")"
+    r"\.(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)\.partial$"
+)
+
+
+def remove_abandoned_overlays(out: Path) -> list[Path]:
+    """Delete, under `out`, overlays left half-written by a `predict` that was killed (its
+    process on this host is gone); those of a run still going, or of another host, stay."""
+    removed = []
+    if out.is_dir():
+        for path in out.rglob(".*.partial"):
+            match = _PARTIAL_OVERLAY.match(path.name)
+            if match and owner_alive(match["host"], int(match["pid"])) is False:
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
 
 
 def _publish(written: list[tuple[Path, Path]], pending: deque[Future]) -> None:

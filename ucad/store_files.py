@@ -113,15 +113,21 @@ class Temporary:
         """Whether the process that made it still runs: None when it cannot be told (another
         host, or a name without an owner)."""
         match = re.search(r"(?:^|-)([A-Za-z0-9_.]+)-(\d+)-[0-9a-z]+(?:\.zarr|\.tmp)?$", self.name)
-        if not match or match.group(1) != socket.gethostname().replace("-", "_"):
-            return None
-        try:
-            os.kill(int(match.group(2)), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:  # exists, owned by another user
-            return True
+        return owner_alive(match.group(1), int(match.group(2))) if match else None
+
+
+def owner_alive(host: str, pid: int) -> bool | None:
+    """Whether the process an `owner()` names still runs: None when it cannot be told (another
+    host)."""
+    if host != socket.gethostname().replace("-", "_"):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
         return True
+    return True
 
 
 def attrs_checksum(attrs: Mapping[str, Any]) -> str:
