@@ -36,9 +36,10 @@ from ucad.export import (
     latency,
     manifest_digest,
 )
-from ucad.inference import Inspector, image_frame, predict_files
+from ucad.inference import Inspector, image_frame
 from ucad.model import UCAD
 from ucad.onnx_inspector import OnnxInspector, frame_map, load_onnx_inspector
+from ucad.predictions import predict_files
 from ucad.stages.features import extract_features
 from ucad.store import ArtifactStore
 
@@ -277,3 +278,23 @@ def test_ucad_predict_onnx_gives_the_records_of_ucad_predict(line, exported, tmp
     with pytest.raises(SystemExit) as refused:  # one model source, not both
         main(["predict", "--onnx", str(exported), "--model", "m", images[0]])
     assert refused.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_ucad_predict_onnx_runs_without_importing_torch(line, exported, tmp_path):
+    """The deployment path starts in a fraction of torch's import time: it must not import it."""
+    import subprocess
+    import sys
+
+    maps = tmp_path / "maps"
+    script = (
+        "import sys; from ucad.cli import main; "
+        f"code = main(['-q', 'predict', '--onnx', {str(exported)!r}, {str(line.tests[0])!r}, "
+        f"'--out', {str(maps)!r}]); "
+        "print('torch' in sys.modules, 'timm' in sys.modules); sys.exit(code)"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert child.returncode == 0, child.stderr
+    assert child.stdout.strip().splitlines()[-1] == "False False"
+    assert len(list(maps.rglob("*.heatmap.png"))) == 1

@@ -20,8 +20,9 @@ from ucad.continual import Replay
 from ucad.data.images import Geometry
 from ucad.data.source import TaskSource
 from ucad.data.synth import generate
-from ucad.inference import Inspector, image_frame, overlay
+from ucad.inference import Inspector, image_frame
 from ucad.pipeline import Runtime
+from ucad.predictions import overlay
 from ucad.stages.features import extract_features
 from ucad.store import ArtifactStore
 

@@ -180,16 +180,18 @@ def _parse_thresholds(items: Sequence[str]) -> dict[str, float]:
 def cmd_predict(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
-    from ucad.inference import Inspector, predict_files
+    from ucad.predictions import predict_files
 
     thresholds = _parse_thresholds(args.threshold)
-    if args.onnx:
+    if args.onnx:  # onnxruntime only: torch is not imported
         from ucad.onnx_inspector import load_onnx_inspector
 
         if args.device or args.batch_size:
             raise ValueError("--device and --batch-size apply to --model, not --onnx")
         inspector = load_onnx_inspector(args.onnx, thresholds)
     else:
+        from ucad.inference import Inspector
+
         store = _store(args).require_existing()
         inspector = Inspector.load(store, args.model, thresholds, args.device, args.batch_size)
     records = []

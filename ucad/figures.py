@@ -9,8 +9,8 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ucad.data.datasets import TestSample
-from ucad.inference import Result
 from ucad.metrics import ResultsMatrix, final, forgetting
+from ucad.predictions import Result
 
 
 def matrix_figure(tasks: list[str], rows: list[list[float | None]], metric: str) -> Figure:

@@ -10,8 +10,8 @@ The same surface as `ucad.inference.Inspector` for `predict_files` and `ucad pre
 path, outside the graph; the graph does the rest (see `ucad.onnx_graph`). Heat maps are carried
 back to each image's size by `frame_map`, a numpy twin of `ucad.inference.image_frame`.
 
-The ONNX side needs only onnxruntime, numpy and PIL; torch is still imported, by
-`ucad.inference`, for `Result` and the image-reading helpers this module shares with it.
+It needs onnxruntime, numpy and PIL, not torch: `Result` and the image-reading helpers it shares
+with the torch path live in `ucad.predictions`, which does not import torch either.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from PIL import Image
 
 from ucad.data.images import Geometry
 from ucad.export import EXPORT_FILE, EXPORT_FORMAT, file_sha256
-from ucad.inference import ImageInput, Result, _as_rgb, _merge_thresholds
 from ucad.onnx_graph import INPUT_NAME, OUTPUT_NAMES
+from ucad.predictions import ImageInput, Result, as_rgb, merge_thresholds
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class OnnxInspector:
         self.digest: str = meta["model_digest"]
         self.task_names: list[str] = list(meta["classes"])
         where = f"model {self.name!r} version {self.version} (export {self.folder})"
-        self.thresholds = _merge_thresholds(where, meta["thresholds"], thresholds or {})
+        self.thresholds = merge_thresholds(where, meta["thresholds"], thresholds or {})
         self.workers: int = meta["workers"]  # threads for decoding and writing overlays
         # images decoded at once, and run at once where the graph takes any batch size
         self.batch_size: int = meta["inference_batch_size"]
@@ -123,7 +123,7 @@ class OnnxInspector:
                 yield from self._score(list(pool.map(self._prepare, batch)))
 
     def _prepare(self, numbered: tuple[int, ImageInput]) -> tuple[Image.Image, np.ndarray]:
-        image = _as_rgb(*numbered)
+        image = as_rgb(*numbered)
         return image, self.geometry.image(image)
 
     def _score(self, batch: list[tuple[Image.Image, np.ndarray]]) -> Iterator[Result]:
