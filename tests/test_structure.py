@@ -289,6 +289,43 @@ def test_download_failure_says_how_to_provide_the_file(tmp_path, monkeypatch):
     assert list((cache / "sam").iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("stall", "message"), [(True, "timed out"), (False, "closed after 1000 of 1000000 bytes")]
+)
+def test_broken_download_fails_and_leaves_nothing(tmp_path, monkeypatch, stall, message):
+    """A server that sends part of the file and then nothing (the read times out) or hangs up:
+    the error says how to provide the file, and no partial file stays in the cache."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
+            if stall:
+                stop.wait(30)  # silent until the test is over
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/sam_vit_b_01ec64.pth"
+    monkeypatch.setitem(sam_checkpoints.SAM_CHECKPOINTS, "vit_b", SamCheckpoint(url, "0" * 64))
+    monkeypatch.setattr(sam_checkpoints, "DOWNLOAD_TIMEOUT_S", 0.5)
+    cache = tmp_path / "cache"
+    try:
+        with pytest.raises(WeightsUnavailableError, match=message) as error:
+            resolve_sam_checkpoint("vit_b", None, cache_dir=cache)
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+    assert "sam_checkpoint: /path/to/sam_vit_b_01ec64.pth" in str(error.value)
+    assert list((cache / "sam").iterdir()) == []
+
+
 def test_make_structure_source(tmp_path):
     source = make_structure_source("superpixel", n_segments=12)
     assert isinstance(source, SuperpixelStructure)

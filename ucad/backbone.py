@@ -233,5 +233,7 @@ def _create_vit(config: Config) -> VisionTransformer:
             "Provide them in one of two ways: run once with internet access (timm caches the "
             "weights under ~/.cache/huggingface), or download the checkpoint and set "
             "`weights_file: /path/to/checkpoint` in a config file (--config). "
+            "Without internet, set HF_HUB_OFFLINE=1: the hub's cache is then used without "
+            "trying the network (which retries for about a minute first). "
             "Random weights are used only by the `smoke` preset."
         ) from err

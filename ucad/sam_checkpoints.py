@@ -52,6 +52,10 @@ SAM_CHECKPOINTS: dict[str, SamCheckpoint] = {
 }
 
 
+# Seconds a connection may stay silent during the SAM checkpoint's download.
+DOWNLOAD_TIMEOUT_S = 60
+
+
 def default_cache_dir() -> Path:
     """`$UCAD_CACHE`, else ~/.cache/ucad."""
     return Path(os.environ.get("UCAD_CACHE", Path.home() / ".cache" / "ucad")).expanduser()
@@ -113,13 +117,18 @@ def _download_checked(official: SamCheckpoint, path: Path) -> None:
 def _fetch(url: str, out: BinaryIO) -> str:
     """Copy `url` into `out`; returns the SHA-256 of the bytes written."""
     digest = hashlib.sha256()
-    with urllib.request.urlopen(url) as response:
+    # A timeout per read, not for the whole 375 MB: a stalled connection fails, a slow one not.
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
+        received = 0
         with tqdm(total=total, unit="B", unit_scale=True, desc=url, disable=None) as bar:
             while chunk := response.read(1 << 20):
                 out.write(chunk)
                 digest.update(chunk)
+                received += len(chunk)
                 bar.update(len(chunk))
+    if total is not None and received != total:
+        raise ConnectionError(f"the connection closed after {received} of {total} bytes")
     return digest.hexdigest()
 
 
