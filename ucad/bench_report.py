@@ -184,10 +184,27 @@ def _structure_lines(report: dict[str, Any]) -> str:
             f"(those past the IoU filter); with every prompt upscaled "
             f"{structure['every_prompt_s_per_image']:.2f} s per image "
             f"({structure['every_prompt_speedup']:.2f}x)",
+            _floor_line(structure),
         ]
     if paper["seconds"] is not None:
         lines.append(f"one paper class end to end: {paper['seconds']:.0f} s ({paper['how']})")
     return "\n".join(lines)
+
+
+def _floor_line(structure: dict[str, Any]) -> str:
+    products, rate = structure["products"], structure["product_macs_per_s"]
+    share = structure["floor_s_per_image"] / structure["s_per_image"]
+    every = structure["every_prompt_floor_s_per_image"] / structure["every_prompt_s_per_image"]
+    return (
+        f"  products: encoder {products['encoder_macs'] / 1e9:.0f} GMAC, per prompt "
+        f"{products['tokens_macs_per_prompt'] / 1e9:.3f} GMAC "
+        f"({products['upscaled_macs_per_prompt'] / 1e9:.3f} with its masks upscaled); at this "
+        f"machine's {structure['precision']} product rate ({rate / 1e9:.0f} GMAC/s) they take "
+        f"{structure['floor_s_per_image']:.2f} s per image "
+        f"({structure['floor_speedup']:.1f}x), {structure['every_prompt_floor_s_per_image']:.2f} "
+        f"s with every prompt upscaled ({structure['every_prompt_floor_speedup']:.1f}x): ucad "
+        f"runs at {100 * share:.0f}% and {100 * every:.0f}% of that rate"
+    )
 
 
 def _target_lines(report: dict[str, Any]) -> str:

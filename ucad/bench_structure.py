@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from segment_anything import sam_model_registry
 
 from ucad.config import Config
@@ -71,7 +72,57 @@ def structure_comparison(rt: Runtime, images: np.ndarray) -> dict[str, Any] | No
     figures["every_prompt_speedup"] = (
         figures["reference_s_per_image"] / figures["every_prompt_s_per_image"]
     )
+    figures.update(_arithmetic_floor(fast, images[0], rt.device, rt.precision, figures))
     return figures
+
+
+def _arithmetic_floor(
+    fast: BatchedSamStructure,
+    image: np.ndarray,
+    device: torch.device,
+    dtype: torch.dtype,
+    figures: dict[str, Any],
+) -> dict[str, Any]:
+    """ucad's SAM arithmetic against this machine's product rate: how long its products alone
+    would take if they all ran at the rate of one large product, and what share of that rate the
+    measured times reach. Says how far the time is from what the arithmetic needs."""
+    products = fast.generator.count_products(image)
+    rate = product_rate(device, dtype)
+    fixed = products["encoder_macs"] + products["shared_macs"]
+    tokens, upscaled = products["tokens_macs_per_prompt"], products["upscaled_macs_per_prompt"]
+    per_prompt = tokens + figures["upscaled_share"] * (upscaled - tokens)
+    floor = (fixed + products["prompts"] * per_prompt) / rate
+    every_floor = (fixed + products["prompts"] * upscaled) / rate
+    return {
+        "products": products,
+        "product_macs_per_s": rate,
+        "floor_s_per_image": floor,
+        "every_prompt_floor_s_per_image": every_floor,
+        "floor_speedup": figures["reference_s_per_image"] / floor,
+        "every_prompt_floor_speedup": figures["reference_s_per_image"] / every_floor,
+    }
+
+
+def product_rate(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Multiply-accumulates per second of one large matrix product in `dtype` on `device`, with
+    every thread torch uses: (4096 x 768) by (768 x 3072), the size of a ViT-B MLP layer at SAM's
+    input. The fastest of `repeats` after two unmeasured ones."""
+    a = torch.randn(4096, 768, device=device).to(dtype)
+    b = torch.randn(768, 3072, device=device).to(dtype)
+    best = float("inf")
+    for i in range(repeats + 2):
+        _synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - start)
+    return a.shape[0] * a.shape[1] * b.shape[1] / best
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def _sam_weights(config: Config) -> Path | None:

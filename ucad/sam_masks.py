@@ -37,10 +37,12 @@ from float32 maps.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -146,6 +148,49 @@ class SamMaskGenerator:
                 self._image_masks(embedding[None], images.shape[1:3]) for embedding in embeddings
             )
         return masks
+
+    @torch.inference_mode()
+    def count_products(self, image: np.ndarray) -> dict[str, float]:
+        """Multiply-accumulates of the matrix products and convolutions that make one image's
+        masks, counted by torch's FLOP counter: the image encoder's, those shared by all
+        prompts, and per prompt those of the transformer alone (no mask upscaled) and of the
+        transformer, upscaling and resize (its masks upscaled). `ucad bench` sets them against
+        the machine's product rate. The counts depend on shapes only: the encoder is counted on
+        a shape-only ("meta") copy, two chunks of prompts in float32 on a random embedding."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        def counted(run: Any) -> float:
+            with FlopCounterMode(display=False) as counter:
+                run()
+            return counter.get_total_flops() / 2  # two FLOPs per multiply-accumulate
+
+        size = image.shape[:2]
+        resized = self.transform.apply_image(image)
+        pixels = torch.empty(1, 3, *resized.shape[:2], device="meta")
+        encoder = copy.deepcopy(self.model.image_encoder).to("meta")
+        # `Sam.preprocess` pads to the encoder's square input on the right and at the bottom
+        right, bottom = encoder.img_size - pixels.shape[3], encoder.img_size - pixels.shape[2]
+        encoder_macs = counted(lambda: encode(encoder, F.pad(pixels, (0, right, 0, bottom))))
+        # float32: the counter cannot follow autocast through the decomposed operations
+        plain = SamSettings.of(self.settings, autocast_dtype=None, pred_iou_thresh=0.0)
+        every = SamMaskGenerator(self.model, plain, self.device)
+        channels, cells = self.model.prompt_encoder.embed_dim, self.model.image_encoder.img_size
+        cells //= self.model.image_encoder.patch_embed.proj.kernel_size[0]
+        embedding = torch.randn(1, channels, cells, cells, device=self.device)
+        decoder = ImageDecoder(self.model.mask_decoder, self.model.prompt_encoder, embedding)
+        first, second = list(islice(every._point_chunks(size), 2))
+        # the first chunk also computes what all prompts share (kept by the decoder after it)
+        first_macs = counted(lambda: every._candidates(decoder, first, size))
+        chunk = counted(lambda: every._candidates(decoder, second, size))
+        labels = torch.ones(second.shape[:2], dtype=torch.int, device=self.device)
+        tokens = counted(lambda: decoder.tokens(second, labels, multimask_output=True))
+        return {
+            "encoder_macs": encoder_macs,
+            "shared_macs": first_macs - chunk * len(first) / len(second),
+            "tokens_macs_per_prompt": tokens / len(second),
+            "upscaled_macs_per_prompt": chunk / len(second),
+            "prompts": float(len(build_point_grid(self.settings.points_per_side))),
+        }
 
     def _embed(self, images: np.ndarray) -> torch.Tensor:
         """Image embeddings (B, C, h, w), the same input pipeline as `SamPredictor.set_image`."""
