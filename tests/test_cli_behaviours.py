@@ -177,6 +177,7 @@ def test_malformed_command_line_is_exit_status_2_of_the_process(tmp_path):
         (["-v", "models"], {"verbose"}),
         (["-q", "models"], {"quiet"}),  # not reset by the command's own (unset) option
         (["store", "verify", "--debug", "-q"], {"debug", "quiet"}),
+        (["-q", "models", "-v"], {"verbose", "quiet"}),  # parsed; `main` refuses the pair
         (["models", "rm", "x", "--verbose"], {"verbose"}),
         (["predict", "--model", "m", "x.png", "-q"], {"quiet"}),
         (["models"], set()),
@@ -187,6 +188,13 @@ def test_general_options_count_before_and_after_the_command(args, set_):
 
     parsed = build_parser().parse_args(args)
     assert {name for name in ("verbose", "quiet", "debug") if getattr(parsed, name)} == set_
+
+
+def test_verbose_and_quiet_together_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["-q", "models", "-v"])
+    assert exit_.value.code == 2
+    assert "-v/--verbose and -q/--quiet cannot be used together" in capsys.readouterr().err
 
 
 def test_unknown_option_of_a_nested_command_shows_that_command_s_usage(capsys):

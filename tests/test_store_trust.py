@@ -235,6 +235,15 @@ def test_prune_removes_what_a_killed_run_left_and_keeps_a_live_writers(capsys, t
     assert list((store / ".tmp").iterdir()) == []
 
 
+def test_models_rm_takes_the_store_before_or_after_rm(capsys, learned, store, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    code, _, err = run(capsys, ["models", "--store", str(other), "rm", "m"])
+    assert code == 1 and "no model 'm'" in err and str(other) in err and versions(store)
+    code, _, _ = run(capsys, ["models", "--store", str(store), "rm", "m"])
+    assert code == 0 and not versions(store)
+
+
 def test_prune_unreferenced_keeps_what_a_model_needs(capsys, learned, store):
     code, out, _ = run(capsys, ["models", "rm", "m", "--store", str(store)])
     assert code == 0 and not versions(store)

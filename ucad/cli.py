@@ -248,9 +248,11 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_store_arg(parser: argparse.ArgumentParser) -> None:
+def _add_store_arg(parser: argparse.ArgumentParser, default: Any = None) -> None:
     parser.add_argument(
-        "--store", help="artifact store root or fsspec URL (default: $UCAD_STORE or ./artifacts)"
+        "--store",
+        default=default,
+        help="artifact store root or fsspec URL (default: $UCAD_STORE or ./artifacts)",
     )
 
 
@@ -406,7 +408,10 @@ def quiet_libraries() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verbose and args.quiet:
+        parser.error("-v/--verbose and -q/--quiet cannot be used together")
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.quiet:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from ucad.store import ArtifactStore
 
-StoreArg = Callable[[argparse.ArgumentParser], None]
+StoreArg = Callable[..., None]  # (parser, default=None): adds --store
 
 
 class VerificationFailed(RuntimeError):
@@ -88,7 +88,9 @@ def add_store_commands(commands: argparse._SubParsersAction, add_store_arg: Stor
     model_commands = models.add_subparsers(dest="models_command", metavar="COMMAND")
     remove = model_commands.add_parser("rm", help="remove every version of a model")
     remove.add_argument("name", help="model name")
-    add_store_arg(remove)
+    # `ucad models --store S rm NAME` as well as `... rm NAME --store S`: unset here, the
+    # value given to `models` stays (argparse would otherwise reset it to the default)
+    add_store_arg(remove, default=argparse.SUPPRESS)
     remove.set_defaults(run=cmd_models_rm)
 
     store = commands.add_parser("store", help="check and clean the artifact store")
