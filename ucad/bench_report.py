@@ -198,7 +198,7 @@ def _floor_line(structure: dict[str, Any]) -> str:
     return (
         f"  products: encoder {products['encoder_macs'] / 1e9:.0f} GMAC, per prompt "
         f"{products['tokens_macs_per_prompt'] / 1e9:.3f} GMAC "
-        f"({products['upscaled_macs_per_prompt'] / 1e9:.3f} with its masks upscaled); at this "
+        f"({products['every_prompt_macs_per_prompt'] / 1e9:.3f} with its masks upscaled); at this "
         f"machine's {structure['precision']} product rate ({rate / 1e9:.0f} GMAC/s) they take "
         f"{structure['floor_s_per_image']:.2f} s per image "
         f"({structure['floor_speedup']:.1f}x), {structure['every_prompt_floor_s_per_image']:.2f} "

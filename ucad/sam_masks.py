@@ -42,7 +42,6 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from functools import lru_cache
-from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -122,10 +121,11 @@ class SamMaskGenerator:
         self.model = model.to(self.device).eval()
         self.transform = ResizeLongestSide(model.image_encoder.img_size)
         self.settings = settings
-        # Prompts decoded, and those whose masks were upscaled (one passed the IoU filter):
-        # what the decoder's cost depends on, reported by `ucad bench`.
+        # Prompts decoded, those whose masks were upscaled (one passed the IoU filter), and the
+        # masks resized (those that passed): what the decoder's cost depends on (`ucad bench`).
         self.prompts_decoded = 0
         self.prompts_upscaled = 0
+        self.masks_resized = 0
 
     @torch.inference_mode()
     def generate(self, images: np.ndarray, batch_size: int = 4) -> list[torch.Tensor]:
@@ -152,11 +152,11 @@ class SamMaskGenerator:
     @torch.inference_mode()
     def count_products(self, image: np.ndarray) -> dict[str, float]:
         """Multiply-accumulates of the matrix products and convolutions that make one image's
-        masks, counted by torch's FLOP counter: the image encoder's, those shared by all
-        prompts, and per prompt those of the transformer alone (no mask upscaled) and of the
-        transformer, upscaling and resize (its masks upscaled). `ucad bench` sets them against
-        the machine's product rate. The counts depend on shapes only: the encoder is counted on
-        a shape-only ("meta") copy, two chunks of prompts in float32 on a random embedding."""
+        masks, counted by torch's FLOP counter: the image encoder's, those of the transformer
+        shared by all prompts, and per prompt those of the transformer and of upscaling its
+        masks, per mask those of its resize. `ucad bench` sets them against the machine's
+        product rate. The counts depend on shapes only: the encoder is counted on a shape-only
+        ("meta") copy, one chunk of prompts in float32 on a random embedding."""
         from torch.utils.flop_counter import FlopCounterMode
 
         def counted(run: Any) -> float:
@@ -165,30 +165,39 @@ class SamMaskGenerator:
             return counter.get_total_flops() / 2  # two FLOPs per multiply-accumulate
 
         size = image.shape[:2]
-        resized = self.transform.apply_image(image)
-        pixels = torch.empty(1, 3, *resized.shape[:2], device="meta")
-        encoder = copy.deepcopy(self.model.image_encoder).to("meta")
-        # `Sam.preprocess` pads to the encoder's square input on the right and at the bottom
-        right, bottom = encoder.img_size - pixels.shape[3], encoder.img_size - pixels.shape[2]
-        encoder_macs = counted(lambda: encode(encoder, F.pad(pixels, (0, right, 0, bottom))))
+        encoder = self.model.image_encoder
+        # Its weights replaced by empty meta tensors in the copy: nothing is copied or computed.
+        memo: dict[int, Any] = {
+            id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+            for p in encoder.parameters()
+        }
+        memo.update({id(b): torch.empty_like(b, device="meta") for b in encoder.buffers()})
+        shapes = copy.deepcopy(encoder, memo)
+        # `Sam.preprocess` pads every image to the encoder's square input
+        pixels = torch.empty(1, 3, encoder.img_size, encoder.img_size, device="meta")
+        encoder_macs = counted(lambda: encode(shapes, pixels))
         # float32: the counter cannot follow autocast through the decomposed operations
-        plain = SamSettings.of(self.settings, autocast_dtype=None, pred_iou_thresh=0.0)
-        every = SamMaskGenerator(self.model, plain, self.device)
-        channels, cells = self.model.prompt_encoder.embed_dim, self.model.image_encoder.img_size
-        cells //= self.model.image_encoder.patch_embed.proj.kernel_size[0]
-        embedding = torch.randn(1, channels, cells, cells, device=self.device)
+        channels = self.model.prompt_encoder.embed_dim
+        cells = self.model.prompt_encoder.image_embedding_size
+        embedding = torch.randn(1, channels, *cells, device=self.device)
         decoder = ImageDecoder(self.model.mask_decoder, self.model.prompt_encoder, embedding)
-        first, second = list(islice(every._point_chunks(size), 2))
-        # the first chunk also computes what all prompts share (kept by the decoder after it)
-        first_macs = counted(lambda: every._candidates(decoder, first, size))
-        chunk = counted(lambda: every._candidates(decoder, second, size))
-        labels = torch.ones(second.shape[:2], dtype=torch.int, device=self.device)
-        tokens = counted(lambda: decoder.tokens(second, labels, multimask_output=True))
+        points = next(self._point_chunks(size))
+        labels = torch.ones(points.shape[:2], dtype=torch.int, device=self.device)
+        outputs: list[Any] = []
+        # the first pass also computes what all prompts share (kept by the decoder after it)
+        first = counted(lambda: decoder.tokens(points, labels, multimask_output=True))
+        tokens = counted(lambda: outputs.append(decoder.tokens(points, labels, True)))
+        everyone = torch.arange(len(points), device=self.device)
+        upscale = counted(lambda: outputs.append(decoder.mask_logits(outputs[0], everyone)))
+        masks = outputs[1].flatten(0, 1).float()
+        resize = counted(lambda: self._resize(masks, size))
         return {
             "encoder_macs": encoder_macs,
-            "shared_macs": first_macs - chunk * len(first) / len(second),
-            "tokens_macs_per_prompt": tokens / len(second),
-            "upscaled_macs_per_prompt": chunk / len(second),
+            "shared_macs": first - tokens,
+            "tokens_macs_per_prompt": tokens / len(points),
+            "upscale_macs_per_prompt": upscale / len(points),
+            "resize_macs_per_mask": resize / len(masks),
+            "masks_per_prompt": float(outputs[1].shape[1]),
             "prompts": float(len(build_point_grid(self.settings.points_per_side))),
         }
 
@@ -220,6 +229,7 @@ class SamMaskGenerator:
         iou_preds = torch.cat([result[1] for result in results])
         self.prompts_decoded += sum(result[2] for result in results)
         self.prompts_upscaled += sum(result[3] for result in results)
+        self.masks_resized += sum(result[4] for result in results)
         boxes = batched_mask_to_box(masks)
         keep = batched_nms(
             boxes.float(),
@@ -245,9 +255,10 @@ class SamMaskGenerator:
     @torch.inference_mode()
     def _candidates(
         self, decoder: ImageDecoder, points: torch.Tensor, size: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    ) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
         """Masks (M, H, W) bool and their predicted IoU (M,) that pass both thresholds, in the
-        reference's point-major order; and the numbers of prompts decoded and upscaled.
+        reference's point-major order; and the numbers of prompts decoded and upscaled, and of
+        masks resized.
 
         Runs in a worker thread on a CPU: inference mode and autocast are per thread, so both
         are entered here."""
@@ -265,6 +276,7 @@ class SamMaskGenerator:
             logits = decoder.mask_logits(decoded, prompts)
         passed = keep[prompts]  # (p, 3): which of the upscaled prompts' masks passed
         logits, iou_preds = logits[passed].float(), iou_preds[prompts][passed]
+        resized = len(logits)
         logits = self._resize(logits, size)
         threshold = self.model.mask_threshold
         if self.settings.stability_score_thresh > 0.0:
@@ -273,7 +285,7 @@ class SamMaskGenerator:
             )
             keep = stability >= self.settings.stability_score_thresh
             logits, iou_preds = logits[keep], iou_preds[keep]
-        return logits > threshold, iou_preds, len(points), len(prompts)
+        return logits > threshold, iou_preds, len(points), len(prompts), resized
 
     def _resize(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(M, h, w) low-res logits -> (M, H, W): the reference's upscale, crop and resize."""
