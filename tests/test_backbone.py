@@ -118,6 +118,12 @@ def test_unreachable_hub_says_how_to_provide_weights(monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     config = load_config("paper")
-    with pytest.raises(WeightsUnavailableError, match="weights_file"):
+    with pytest.raises(WeightsUnavailableError, match="weights_file") as error:
         create_backbone(config)
+    assert "HF_HUB_OFFLINE=1" in str(error.value)  # the hint for a machine without internet
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # already set: no hint to set it
+    with pytest.raises(WeightsUnavailableError, match="weights_file") as error:
+        create_backbone(config)
+    assert "HF_HUB_OFFLINE" not in str(error.value)

@@ -194,10 +194,11 @@ def test_predict_removes_overlays_a_killed_run_left_half_written(store, data, tm
     alive = out / f".b.png.heatmap.png.{owner()}.partial"  # this process: still running
     remote = out / ".c.png.heatmap.png.another_host-1.partial"
     unrelated = out / "sub" / f".notes.txt.{host}-{int(gone.stdout)}.partial"
-    for path in (dead, alive, remote, unrelated):
+    impossible = out / f".d.png.heatmap.png.{host}-9999999999.partial"  # no such pid: no crash
+    for path in (dead, alive, remote, unrelated, impossible):
         path.write_bytes(b"half a PNG")
     assert main([*predict(store, data / "grain" / "test"), "--out", str(out)]) == 0
-    assert not dead.exists()
+    assert not dead.exists() and not impossible.exists()
     assert alive.exists() and remote.exists() and unrelated.exists()
     assert len(list(out.rglob("*.heatmap.png"))) > 4
 

@@ -290,11 +290,17 @@ def test_download_failure_says_how_to_provide_the_file(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("stall", "message"), [(True, "timed out"), (False, "closed after 1000 of 1000000 bytes")]
+    ("mode", "message"),
+    [
+        ("stall", "timed out"),
+        ("hang up", "closed after 1000 of 1000000 bytes"),
+        ("hang up chunked", "IncompleteRead"),
+    ],
 )
-def test_broken_download_fails_and_leaves_nothing(tmp_path, monkeypatch, stall, message):
-    """A server that sends part of the file and then nothing (the read times out) or hangs up:
-    the error says how to provide the file, and no partial file stays in the cache."""
+def test_broken_download_fails_and_leaves_nothing(tmp_path, monkeypatch, mode, message):
+    """A server that sends part of the file and then nothing (the read times out) or hangs up,
+    with a length or in chunks: the error says how to provide the file, and no partial file
+    stays in the cache."""
     import socket
     import threading
 
@@ -305,8 +311,12 @@ def test_broken_download_fails_and_leaves_nothing(tmp_path, monkeypatch, stall, 
         connection, _ = listener.accept()
         with connection:
             connection.recv(65536)
+            if mode == "hang up chunked":
+                head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                connection.sendall(head + b"f4240\r\n" + b"x" * 1000)  # a 1,000,000-byte chunk
+                return
             connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000)
-            if stall:
+            if mode == "stall":
                 stop.wait(30)  # silent until the test is over
 
     thread = threading.Thread(target=serve, daemon=True)

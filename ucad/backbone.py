@@ -8,6 +8,7 @@ removed at construction and never run.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -228,12 +229,16 @@ def _create_vit(config: Config) -> VisionTransformer:
         return timm.create_model(config.backbone, pretrained=True, **kwargs)
     except Exception as err:  # timm raises many kinds (HTTP, OS, RuntimeError for bad keys)
         source = config.weights_file or "the timm / Hugging Face hub"
+        offline = ""
+        if config.weights_file is None and not os.environ.get("HF_HUB_OFFLINE"):
+            offline = (
+                " On a machine without internet, HF_HUB_OFFLINE=1 makes this fail at once "
+                "(or load weights already in the cache) instead of retrying for a minute."
+            )
         raise WeightsUnavailableError(
             f"could not load pretrained weights for {config.backbone} from {source}: {err}\n"
             "Provide them in one of two ways: run once with internet access (timm caches the "
             "weights under ~/.cache/huggingface), or download the checkpoint and set "
             "`weights_file: /path/to/checkpoint` in a config file (--config). "
-            "Without internet, set HF_HUB_OFFLINE=1: the hub's cache is then used without "
-            "trying the network (which retries for about a minute first). "
-            "Random weights are used only by the `smoke` preset."
+            "Random weights are used only by the `smoke` preset." + offline
         ) from err

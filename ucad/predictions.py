@@ -216,7 +216,7 @@ def predict_files(
 # An overlay being written: ".<image>.heatmap.png.<host>-<pid>.partial" (`ucad.store_files.owner`).
 _PARTIAL_OVERLAY = re.compile(
     r"^\.(?P<name>.+" + re.escape(HEATMAP_SUFFIX) + r")"
-    r"\.(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d+)\.partial$"
+    r"\.(?P<host>[A-Za-z0-9_.]+)-(?P<pid>\d{1,10})\.partial$"
 )
 
 

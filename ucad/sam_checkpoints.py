@@ -7,6 +7,7 @@ or a file of one's own; loaded tensors-only (never unpickled).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
 import urllib.error
@@ -97,7 +98,7 @@ def _download_checked(official: SamCheckpoint, path: Path) -> None:
         try:
             with os.fdopen(fd, "wb") as out:
                 digest = _fetch(official.url, out)
-        except (urllib.error.URLError, OSError) as err:
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
             raise WeightsUnavailableError(
                 f"could not download the SAM checkpoint from {official.url}: {err}\n"
                 f"Download it yourself and either set `sam_checkpoint: /path/to/{path.name}` in a "
@@ -117,7 +118,8 @@ def _download_checked(official: SamCheckpoint, path: Path) -> None:
 def _fetch(url: str, out: BinaryIO) -> str:
     """Copy `url` into `out`; returns the SHA-256 of the bytes written."""
     digest = hashlib.sha256()
-    # A timeout per read, not for the whole 375 MB: a stalled connection fails, a slow one not.
+    # A timeout per read, not for the whole file (0.4-2.6 GB): a stalled connection fails, a slow
+    # one does not.
     with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         received = 0

@@ -125,6 +125,8 @@ def owner_alive(host: str, pid: int) -> bool | None:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except (OverflowError, ValueError):  # not a pid this system can have
+        return False
     except PermissionError:  # exists, owned by another user
         return True
     return True
