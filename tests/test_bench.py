@@ -68,8 +68,17 @@ README_LIMITS = {
     "bytes stored per class": 1.3e6,
 }
 # Targets a tiny smoke run on a CPU cannot check: its memory and backbone are not the paper's
-# (bytes and bf16 targets are set for those), and it does not time SAM.
+# (bytes, floor, key-search, rerun and bf16 targets are set for those), and it does not time SAM.
+FLOOR_NAMES = (
+    "inference / floor",
+    "prompt-training epoch / floor",
+    "keys / floor",
+    "knowledge / floor",
+)
 NOT_APPLICABLE_HERE = {
+    *FLOOR_NAMES,
+    "key search with 100 classes / inference",
+    "identical rerun / first run",
     "bytes stored per class",
     "bf16 speedup, training epoch",
     "bf16 speedup, inference",
@@ -301,3 +310,37 @@ def test_a_rate_is_the_fastest_of_its_timed_runs(monkeypatch):
     runs = []
     rate = bench_method._rate(8, lambda: runs.append(1), torch.device("cpu"))
     assert bench_method.RATE_RUNS == len(runs) == 3 and rate == 8 / 2
+
+
+def test_targets_at_the_paper_preset_apply_and_judge_each_figure():
+    """At the paper preset every target applies (on a bf16 machine, with SAM timed), and each
+    verdict follows its figure: here one of each kind is over its limit."""
+    from ucad.bench_targets import targets
+    from ucad.config import load_config
+
+    ratios = {"inference": 1.1, "prompts": 1.4, "keys": 1.0, "knowledge": 1.25}
+    report = {
+        "stages": [{"stage": stage, "ratio": ratio} for stage, ratio in ratios.items()],
+        "scaling": [{"key_search_share": 0.0}, {"key_search_share": 0.05}],
+        "rerun": {"fraction": 0.01},
+        "bytes_per_class": {"total": 1.4e6},
+        "precision": {"native_bf16": True, "speedup": {"epoch": 1.6, "inference": 1.7}},
+        "structure": {"agreement": 0.97, "speedup": 12.0, "every_prompt_speedup": 9.0},
+        "stream": {"steps": [{"evaluate_seconds": 1.0}, {"evaluate_seconds": 1.2}]},
+    }
+    verdicts = {t.name: t.met for t in targets(report, load_config("paper"))}
+    assert verdicts == {
+        "inference / floor": True,
+        "prompt-training epoch / floor": False,
+        "keys / floor": True,
+        "knowledge / floor": False,
+        "key search with 100 classes / inference": True,
+        "identical rerun / first run": True,
+        "bytes stored per class": False,
+        "bf16 speedup, training epoch": True,
+        "bf16 speedup, inference": False,
+        "SAM structure speedup over the generator": False,  # the lower of the two speedups
+        "evaluate s, step 2 / step 1": True,
+    }
+    smoke = {t.name: t.why_not for t in targets(report, load_config("smoke"))}
+    assert smoke["keys / floor"] == "set for the paper preset's architecture"

@@ -69,7 +69,8 @@ def _stage_table(report: dict[str, Any]) -> str:
         rate = row["images_per_second"]
         target = ""
         if row["target"] is not None:
-            target = f"<= {row['target']:.1f}" + ("" if row["met"] else "  MISSED")
+            verdict = {True: "", False: "  MISSED", None: "  n/a"}[row["met"]]
+            target = f"<= {row['target']:.1f}{verdict}"
         lines.append(
             f"{STAGE_LABELS.get(row['stage'], row['stage']):<33}{row['images']:>7}"
             f"{row['seconds']:>9.2f}{'-' if rate is None else f'{rate:.1f}':>8}"

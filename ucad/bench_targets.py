@@ -8,6 +8,12 @@ from typing import Any
 from ucad.config import Config, load_config
 
 FLOOR_TARGETS = {"keys": 1.2, "prompts": 1.3, "knowledge": 1.2, "inference": 1.3}
+FLOOR_TARGET_NAMES = {  # stage -> its target's name
+    "inference": "inference / floor",
+    "prompts": "prompt-training epoch / floor",
+    "keys": "keys / floor",
+    "knowledge": "knowledge / floor",
+}
 # and the others:
 KEY_SEARCH_SHARE_TARGET = 0.10  # key search with 100 classes, as a share of inference
 RERUN_TARGET = 0.02  # identical rerun through the cached pipeline, as a share of the first run
@@ -20,6 +26,7 @@ STRUCTURE_AGREEMENT_TARGET = 0.95  # Rand index of the two partitions at the pat
 # The paper preset's memory sizes: "bytes stored per class" is checked only at those.
 MEMORY_FIELDS = ("backbone", "feature_layer", "image_size", "prompt_mode", "prompt_length")
 MEMORY_FIELDS += ("key_size", "knowledge_size")
+PAPER_ONLY = "set for the paper preset's architecture"
 
 
 @dataclass(frozen=True)
@@ -48,19 +55,24 @@ def targets(report: dict[str, Any], config: Config) -> list[Target]:
     figures = {row["stage"]: row for row in report["stages"]}
     paper = load_config("paper")
     is_paper = all(getattr(config, f) == getattr(paper, f) for f in MEMORY_FIELDS)
+    # Floors, the key search's share and the rerun's were set on ViT-B: on a small backbone a
+    # pass costs so little that fixed costs per call (sampling, store reads and writes, the
+    # search itself) dominate.
+    at_paper = {"applies": is_paper, "why_not": "" if is_paper else PAPER_ONLY}
     return [
-        Target("inference / floor", figures["inference"]["ratio"], FLOOR_TARGETS["inference"]),
-        Target(
-            "prompt-training epoch / floor", figures["prompts"]["ratio"], FLOOR_TARGETS["prompts"]
+        *(
+            Target(name, figures[stage]["ratio"], FLOOR_TARGETS[stage], **at_paper)
+            for stage, name in FLOOR_TARGET_NAMES.items()
         ),
-        Target("keys / floor", figures["keys"]["ratio"], FLOOR_TARGETS["keys"]),
-        Target("knowledge / floor", figures["knowledge"]["ratio"], FLOOR_TARGETS["knowledge"]),
         Target(
             "key search with 100 classes / inference",
             report["scaling"][-1]["key_search_share"],
             KEY_SEARCH_SHARE_TARGET,
+            **at_paper,
         ),
-        Target("identical rerun / first run", report["rerun"]["fraction"], RERUN_TARGET),
+        Target(
+            "identical rerun / first run", report["rerun"]["fraction"], RERUN_TARGET, **at_paper
+        ),
         Target(
             "bytes stored per class",
             report["bytes_per_class"]["total"],
@@ -82,7 +94,7 @@ def _precision_targets(precision: dict[str, Any], is_paper: bool) -> list[Target
     if not precision["native_bf16"]:
         why_not = "no native bf16 on this machine"
     elif not is_paper:
-        why_not = "set for the paper preset's architecture"
+        why_not = PAPER_ONLY
     return [
         Target(
             f"bf16 speedup, {name}",
