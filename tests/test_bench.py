@@ -308,7 +308,7 @@ def test_a_rate_is_the_fastest_of_its_timed_runs(monkeypatch):
     clock = iter([0.0, 4.0, 10.0, 12.0, 20.0, 25.0])  # runs of 4, 2 and 5 seconds
     monkeypatch.setattr(bench_method.time, "perf_counter", lambda: next(clock))
     runs = []
-    rate = bench_method._rate(8, lambda: runs.append(1), torch.device("cpu"))
+    rate = bench_method.fastest_rate(8, lambda: runs.append(1), torch.device("cpu"))
     assert bench_method.RATE_RUNS == len(runs) == 3 and rate == 8 / 2
 
 

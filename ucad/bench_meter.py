@@ -44,7 +44,7 @@ class Meter:
     @contextlib.contextmanager
     def measure(self) -> Iterator[Reading]:
         reading = Reading()
-        self._synchronize()
+        synchronize(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -54,18 +54,20 @@ class Meter:
         try:
             yield reading
         finally:
-            self._synchronize()
+            synchronize(self.device)
             reading.seconds = time.perf_counter() - start
             reading.peak_bytes = self._peak_bytes()
-
-    def _synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def _peak_bytes(self) -> int | None:
         if self.device.type == "cuda":
             return int(torch.cuda.max_memory_allocated(self.device))
         return peak_rss_bytes()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on `device` (a GPU runs it asynchronously), before a clock read."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # A request's stage calls that evaluate: rows looked up, classes evaluated, a new row written.

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ucad.backbone import PromptedViT, create_backbone
+from ucad.bench_meter import synchronize
 from ucad.bench_passes import forward_passes, training_passes, warm_up
 from ucad.config import Config
 from ucad.device import cpu_has_native_bf16
@@ -68,11 +69,13 @@ def _rates(
         forward_passes(backbone, test, prompts, batch)
 
     return {
-        "keys": _rate(len(train), lambda: forward_passes(backbone, train, None, batch), device),
-        "epoch": _rate(
+        "keys": fastest_rate(
+            len(train), lambda: forward_passes(backbone, train, None, batch), device
+        ),
+        "epoch": fastest_rate(
             len(train), lambda: training_passes(backbone, train, prompts, config.batch_size), device
         ),
-        "inference": _rate(len(test), inference, device),
+        "inference": fastest_rate(len(test), inference, device),
     }
 
 
@@ -81,19 +84,19 @@ def _rates(
 RATE_RUNS = 3
 
 
-def _rate(images: int, work: Callable[[], Any], device: torch.device) -> float:
-    """Images per second of `work`, from the fastest of `RATE_RUNS` timed runs: what the
-    work costs, not how busy the machine was meanwhile."""
+def fastest_rate(
+    items: int, work: Callable[[], Any], device: torch.device, runs: int = RATE_RUNS
+) -> float:
+    """Items per second of `work`, from the fastest of `runs` timed runs: what the work costs,
+    not how busy the machine was meanwhile."""
     seconds = []
-    for _ in range(RATE_RUNS):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    for _ in range(runs):
+        synchronize(device)
         start = time.perf_counter()
         work()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         seconds.append(time.perf_counter() - start)
-    return images / min(seconds)
+    return items / min(seconds)
 
 
 def paper_class_seconds(

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from segment_anything import sam_model_registry
 
+from ucad.bench_method import fastest_rate
 from ucad.config import Config
 from ucad.device import PRECISIONS, resolve_device, resolve_precision
 from ucad.pipeline import Runtime
@@ -103,13 +104,14 @@ def _arithmetic_floor(
     timed = fixed + work["prompts"] * tokens + work["upscaled"] * upscale + work["resized"] * resize
     every_prompt = tokens + upscale + products["masks_per_prompt"] * resize
     every = fixed + products["prompts"] * every_prompt
+    floor, every_floor = timed / rate, every / rate
     return {
         "products": {**products, "every_prompt_macs_per_prompt": every_prompt},
         "product_macs_per_s": rate,
-        "floor_s_per_image": timed / rate,
-        "every_prompt_floor_s_per_image": every / rate,
-        "floor_speedup": figures["reference_s_per_image"] * rate / timed,
-        "every_prompt_floor_speedup": figures["reference_s_per_image"] * rate / every,
+        "floor_s_per_image": floor,
+        "every_prompt_floor_s_per_image": every_floor,
+        "floor_speedup": figures["reference_s_per_image"] / floor,
+        "every_prompt_floor_speedup": figures["reference_s_per_image"] / every_floor,
     }
 
 
@@ -122,21 +124,14 @@ def product_rate(
     synchronisation do not count), after one unmeasured run."""
     a = torch.randn(4096, 768, device=device).to(dtype)
     b = torch.randn(768, 3072, device=device).to(dtype)
-    best = float("inf")
-    for run in range(repeats + 1):
-        _synchronize(device)
-        start = time.perf_counter()
+
+    def products() -> None:
         for _ in range(per_run):
             a @ b
-        _synchronize(device)
-        if run > 0:
-            best = min(best, (time.perf_counter() - start) / per_run)
-    return a.shape[0] * a.shape[1] * b.shape[1] / best
 
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    products()  # unmeasured
+    per_second = fastest_rate(per_run, products, device, runs=repeats)
+    return per_second * a.shape[0] * a.shape[1] * b.shape[1]
 
 
 def _sam_weights(config: Config) -> Path | None:
